@@ -1,0 +1,1 @@
+"""Data: records, media, templates, tokenization, dataset, collate, sampler, check, synthetic."""

@@ -1,0 +1,1 @@
+"""Evaluation: scoring and reports."""

@@ -1,0 +1,1 @@
+"""Model: towers, projector, the Video-LLaVA model, builders, checkpoint loading."""

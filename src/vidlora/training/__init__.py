@@ -1,0 +1,1 @@
+"""Training internals: the Trainer subclass, callbacks, checkpoint saving."""
