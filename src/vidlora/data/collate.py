@@ -1,0 +1,70 @@
+"""Batching: pad token sequences, build attention masks, stack media in row order.
+
+A dataset item is a dict with ``input_ids`` and (for training) ``labels`` as 1-D LongTensors,
+``pixel_values_videos`` ``[n_videos, T, 3, S, S]`` and ``pixel_values_images`` ``[n_images, 3, S, S]``
+(either may be absent or hold zero rows) and ``id``. The model scatters media features into the
+placeholder positions in reading order, so media are concatenated row by row, each row's media
+in the order its text mentions them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def pad_sequences(sequences: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
+    """Stack 1-D tensors into ``[B, L_max]``, padding with ``value`` on ``side`` ("right"/"left")."""
+    if side not in ("right", "left"):
+        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), value, dtype=sequences[0].dtype)
+    for row, seq in enumerate(sequences):
+        if side == "right":
+            out[row, : len(seq)] = seq
+        else:
+            out[row, longest - len(seq) :] = seq
+    return out
+
+
+def _stack_media(items: Sequence[dict[str, Any]], key: str) -> torch.Tensor | None:
+    parts = [item[key] for item in items if item.get(key) is not None and len(item[key]) > 0]
+    return torch.cat(parts, dim=0) if parts else None
+
+
+@dataclass(frozen=True)
+class MultimodalCollator:
+    """Collate dataset items into a model batch.
+
+    Right padding for training (the loss ignores padded labels); left padding for batched
+    generation, so every row's last prompt token sits at the end. ``keep_ids`` adds the sample
+    ids (a list of str) under ``"ids"`` for prediction; training batches leave them out because
+    the model's forward takes only tensors.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    keep_ids: bool = False
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        ids = [item["input_ids"] for item in items]
+        batch: dict[str, Any] = {
+            "input_ids": pad_sequences(ids, self.pad_token_id, self.padding_side),
+            "attention_mask": pad_sequences([torch.ones_like(s) for s in ids], 0, self.padding_side),
+        }
+        if all("labels" in item for item in items):
+            batch["labels"] = pad_sequences([item["labels"] for item in items], IGNORE_INDEX, self.padding_side)
+        for key in ("pixel_values_videos", "pixel_values_images"):
+            stacked = _stack_media(items, key)
+            if stacked is not None:
+                batch[key] = stacked
+        if self.keep_ids:
+            batch["ids"] = [str(item["id"]) for item in items]
+        return batch
