@@ -1,0 +1,251 @@
+"""The seed's flags, as argument dataclasses: the public interface of `vidlora train`.
+
+Every flag of the Video-LLaVA LoRA command is accepted with the original meaning, including the
+old names (`--evaluation_strategy`, `--warmup_ratio`, `--X`, `--lazy_preprocess`,
+`--mm_use_x_start_end`). Defaults live here and nowhere else. ``parse_train_args`` reports every
+problem at once, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
+
+import transformers
+
+SUPPORTED_MODALITIES = ("Video", "Image")
+ASPECT_RATIOS = ("pad", "square")
+LORA_BIASES = ("none", "all", "lora_only")
+QUANT_BITS = (4, 8, 16)
+
+
+class ArgumentProblems(ValueError):
+    """Several argument problems, reported together."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) with the arguments:\n{lines}")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={
+            "help": "A preset ('tiny', 'videollava-7b'), a local directory or a hub id: a Video-LLaVA "
+            "checkpoint (original or -hf layout), a vidlora output, or a plain LLaMA/Vicuna LLM "
+            "(then --video_tower/--image_tower are needed)."
+        },
+    )
+    version: str = field(default="v1", metadata={"help": "Prompt template (v1, llava_v1, v0, plain, llama_2)."})
+    video_tower: str | None = field(
+        default=None, metadata={"help": "LanguageBind video tower (e.g. LanguageBind/LanguageBind_Video_merge)."}
+    )
+    image_tower: str | None = field(
+        default=None, metadata={"help": "LanguageBind image tower (e.g. LanguageBind/LanguageBind_Image)."}
+    )
+    pretrain_mm_mlp_adapter: str | None = field(
+        default=None, metadata={"help": "Projector weights from pre-training (safetensors, or a legacy .bin)."}
+    )
+    mm_projector_type: str | None = field(
+        default=None,
+        metadata={"help": "linear | mlp{N}x_gelu | identity; default: the checkpoint's, else mlp2x_gelu."},
+    )
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "Tower hidden state used as features."})
+    mm_use_x_start_end: bool = field(default=False, metadata={"help": "Start/end tokens around media (unsupported)."})
+    mm_use_x_patch_token: bool = field(default=False, metadata={"help": "Patch tokens (unsupported)."})
+    X: list[str] = field(
+        default_factory=lambda: list(SUPPORTED_MODALITIES),
+        metadata={"help": "Modalities to enable: Video and/or Image.", "nargs": "+"},
+    )
+    num_frames: int = field(default=8, metadata={"help": "Frames sampled per video (uniform, first and last)."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM (no LoRA on it either)."})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Train only the projector (pre-training)."})
+
+
+@dataclass
+class DataArguments:
+    data_path: list[str] | None = field(
+        default=None, metadata={"help": "Training JSON/JSONL file(s), concatenated.", "nargs": "+"}
+    )
+    eval_data_path: list[str] | None = field(
+        default=None, metadata={"help": "Evaluation JSON/JSONL file(s).", "nargs": "+"}
+    )
+    video_folder: str | None = field(default=None, metadata={"help": "Folder that video paths are relative to."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder that image paths are relative to."})
+    image_aspect_ratio: str = field(
+        default="pad", metadata={"help": "pad: pad images to a square with the mean colour; square: resize+crop."}
+    )
+    lazy_preprocess: bool = field(default=True, metadata={"help": "Accepted for compatibility; always lazy."})
+    eval_holdout_ratio: float = field(
+        default=0.02,
+        metadata={
+            "help": "With an eval strategy but no --eval_data_path, hold out this fraction of the training "
+            "data (at least one sample) for evaluation; 0 makes that an error instead."
+        },
+    )
+    skip_bad_samples: bool = field(
+        default=False, metadata={"help": "Skip (and count) unreadable samples instead of stopping."}
+    )
+    allow_media_outside_folder: bool = field(
+        default=False, metadata={"help": "Allow absolute media paths and paths escaping their folder."}
+    )
+    decode_timeout: float = field(default=60.0, metadata={"help": "Seconds allowed to read one sample's media."})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Max text tokens per sample (each media placeholder counts once)."}
+    )
+    tokenizer_model_max_length: int | None = field(
+        default=None, metadata={"help": "Max sequence length after media expansion (default: no extra bound)."}
+    )
+    bits: int = field(default=16, metadata={"help": "16, or 4/8 for QLoRA (the LLM only is quantized)."})
+    double_quant: bool = field(default=True, metadata={"help": "QLoRA double quantization."})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
+    lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_bias: str = field(default="none", metadata={"help": "none | all | lora_only."})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate."})
+    group_by_modality_length: bool = field(
+        default=False, metadata={"help": "One modality per step, similar lengths together."}
+    )
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Keep the projector frozen."})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of --eval_strategy."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of all steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep media columns (must stay False)."})
+    stop_on_nonfinite: bool = field(
+        default=True, metadata={"help": "Stop with a clear message on a NaN/inf loss or gradient."}
+    )
+
+    def __post_init__(self) -> None:
+        # Old spellings the seed uses; transformers 5 dropped them.
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def hardware_problems(args: TrainingArguments | SimpleNamespace, cuda_available: bool, bf16_supported: bool) -> list[str]:
+    """Flags this machine cannot honour, each with what to do instead."""
+    problems = []
+    if args.tf32 and not cuda_available:
+        problems.append("--tf32 True needs an NVIDIA GPU (Ampere or newer); on this machine pass --tf32 False.")
+    if args.bf16 and not bf16_supported:
+        problems.append("--bf16 True: this device has no bfloat16 support; pass --bf16 False (or --fp16 True on GPU).")
+    if args.fp16 and not cuda_available:
+        problems.append("--fp16 True needs a GPU; on CPU pass --fp16 False (or --bf16 True).")
+    if args.deepspeed and not _has_module("deepspeed"):
+        problems.append("--deepspeed needs DeepSpeed: pip install 'vidlora[deepspeed]'.")
+    if args.bits in (4, 8) and not _has_module("bitsandbytes"):
+        problems.append(f"--bits {args.bits} needs bitsandbytes: pip install 'vidlora[qlora]'.")
+    reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+    for reporter in reporters:
+        if reporter not in ("none", "all") and not _has_module(reporter):
+            problems.append(f"--report_to {reporter}: the {reporter} package is not installed (pip install {reporter}).")
+    return problems
+
+
+def value_problems(
+    model: ModelArguments | SimpleNamespace,
+    data: DataArguments | SimpleNamespace,
+    train: TrainingArguments | SimpleNamespace,
+) -> list[str]:
+    """Flag values that are wrong whatever the machine."""
+    problems = []
+    unknown = [x for x in model.X if x not in SUPPORTED_MODALITIES]
+    if unknown:
+        problems.append(f"--X {' '.join(model.X)}: unknown modality {unknown}; use Video and/or Image.")
+    if model.mm_use_x_start_end:
+        problems.append("--mm_use_x_start_end True is not supported (Video-LLaVA's recipe uses False).")
+    if model.mm_use_x_patch_token:
+        problems.append("--mm_use_x_patch_token True is not supported (Video-LLaVA's recipe uses False).")
+    if model.num_frames < 1:
+        problems.append(f"--num_frames {model.num_frames}: must be at least 1.")
+    if data.image_aspect_ratio not in ASPECT_RATIOS:
+        problems.append(f"--image_aspect_ratio {data.image_aspect_ratio}: use one of {', '.join(ASPECT_RATIOS)}.")
+    if not data.data_path:
+        problems.append("--data_path is required (one or more JSON/JSONL files).")
+    if not 0 <= data.eval_holdout_ratio < 1:
+        problems.append(f"--eval_holdout_ratio {data.eval_holdout_ratio}: must be in [0, 1).")
+    if train.bits not in QUANT_BITS:
+        problems.append(f"--bits {train.bits}: use 4, 8 or 16.")
+    if train.bits in (4, 8) and not train.lora_enable:
+        problems.append(f"--bits {train.bits} quantizes the LLM, which then needs --lora_enable True to train.")
+    if train.quant_type not in ("nf4", "fp4"):
+        problems.append(f"--quant_type {train.quant_type}: use nf4 or fp4.")
+    if train.lora_bias not in LORA_BIASES:
+        problems.append(f"--lora_bias {train.lora_bias}: use one of {', '.join(LORA_BIASES)}.")
+    if train.lora_enable and train.lora_r < 1:
+        problems.append(f"--lora_r {train.lora_r}: must be at least 1.")
+    if train.remove_unused_columns:
+        problems.append("--remove_unused_columns True would drop the media inputs; leave it False.")
+    if train.tokenizer_model_max_length is not None and train.tokenizer_model_max_length < 1:
+        problems.append("--tokenizer_model_max_length must be positive.")
+    wants_eval = str(train.eval_strategy).lower() not in ("no", "intervalstrategy.no")
+    if wants_eval and not data.eval_data_path and data.eval_holdout_ratio == 0:
+        problems.append(
+            f"--eval_strategy {train.eval_strategy} needs evaluation data: pass --eval_data_path, or "
+            "--eval_holdout_ratio > 0 to hold out part of the training data."
+        )
+    return problems
+
+
+def parse_train_args(
+    argv: list[str] | None = None,
+    *,
+    cuda_available: bool | None = None,
+    bf16_supported: bool | None = None,
+) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse the seed's command line; raise ArgumentProblems listing every problem at once.
+
+    Our checks run on the raw values first, so one run reports everything that is wrong instead
+    of stopping at the first dataclass that refuses to build.
+    """
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    namespace, leftover = parser.parse_known_args(argv)
+    problems = [f"unknown argument {arg!r}" for arg in leftover if arg.startswith("-")]
+    values = vars(namespace)
+    raw = [
+        SimpleNamespace(**{f.name: values[f.name] for f in fields(dtype) if f.init and f.name in values})
+        for dtype in (ModelArguments, DataArguments, TrainingArguments)
+    ]
+    model_raw, data_raw, train_raw = raw
+    if train_raw.evaluation_strategy is not None:
+        train_raw.eval_strategy = train_raw.evaluation_strategy
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported() if cuda_available else True
+    if not cuda_available:
+        # Without a GPU the Trainer runs on the CPU anyway; saying so lets --bf16 use CPU autocast.
+        train_raw.use_cpu = True
+    problems += value_problems(model_raw, data_raw, train_raw)
+    problems += hardware_problems(train_raw, cuda_available, bf16_supported)
+    if problems:
+        raise ArgumentProblems(problems)
+    built = []
+    for dtype, ns in zip((ModelArguments, DataArguments, TrainingArguments), raw, strict=True):
+        try:
+            built.append(dtype(**vars(ns)))
+        except (ValueError, ImportError, TypeError) as err:
+            problems.append(f"{dtype.__name__}: {err}")
+    if problems:
+        raise ArgumentProblems(problems)
+    model, data, train = built
+    return model, data, train
