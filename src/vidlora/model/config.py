@@ -1,0 +1,137 @@
+"""Configuration of the Video-LLaVA model: an LLM config plus optional image and video tower configs.
+
+The towers are CLIP vision transformers (`CLIPVisionConfig`); the video tower adds LanguageBind's
+temporal attention (`LanguageBindVideoConfig`: `num_frames`, `add_time_attn`). Token counts that the
+tokenizer step and the model must agree on are derived here, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+MODEL_TYPE = "vidlora_video_llava"
+VIDEO_TOWER_MODEL_TYPE = "vidlora_languagebind_video"
+
+
+class LanguageBindVideoConfig(CLIPVisionConfig):
+    """CLIP vision config plus LanguageBind's temporal fields.
+
+    `num_frames` is fixed by the checkpoint (the temporal embedding has that many rows);
+    `add_time_attn` adds per-layer temporal attention (LanguageBind_Video_merge: True).
+    """
+
+    model_type = VIDEO_TOWER_MODEL_TYPE
+
+    num_frames: int = 8
+    add_time_attn: bool = True
+
+    def validate_architecture(self) -> None:
+        """Reject sizes the video tower cannot run with (part of the config's strict validation)."""
+        super().validate_architecture()
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+
+
+def _as_video_config(config: PreTrainedConfig | dict | None) -> LanguageBindVideoConfig | dict | None:
+    """Upgrade a plain `CLIPVisionConfig` (e.g. read from a LanguageBind checkpoint) to the video config.
+
+    Fields the plain config carries as extra attributes (`num_frames`, `add_time_attn`) are kept.
+    """
+    if isinstance(config, CLIPVisionConfig) and not isinstance(config, LanguageBindVideoConfig):
+        fields = config.to_dict()
+        for key in ("model_type", "transformers_version"):
+            fields.pop(key, None)
+        return LanguageBindVideoConfig(**fields)
+    return config
+
+
+class VideoLlavaConfig(PreTrainedConfig):
+    """Configuration of `VideoLlavaForCausalLM`.
+
+    Args:
+        text_config: the language model's config (any AutoConfig model type; LLaMA by default).
+        image_config: image tower (`CLIPVisionConfig`), or None for a model without an image tower.
+        video_config: video tower (`LanguageBindVideoConfig`), or None for a model without a video tower.
+        mm_projector_type: `linear`, `mlp{N}x_gelu` or `identity` (see `projector.build_projector`).
+        mm_vision_select_layer: index into the tower's hidden states (0 = after `pre_layrnorm`).
+        image_token_id / video_token_id: ids of the `<image>` / `<video>` placeholder tokens.
+        pad_token_id: padding id of the tokenizer.
+        ignore_index: label value that the loss ignores.
+        run_all_towers: run every tower and the projector on every forward, adding exactly zero when a
+            modality is absent, so that every rank of a ZeRO-3 job gathers the same parameters.
+    """
+
+    model_type = MODEL_TYPE
+    sub_configs_defaults = {  # noqa: RUF012 -- transformers declares this as a ClassVar on the base
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "image_config": SubConfigSpec(config_class=CLIPVisionConfig, optional=True),
+        "video_config": SubConfigSpec(config_class=LanguageBindVideoConfig, optional=True),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    image_config: dict | PreTrainedConfig | None = None
+    video_config: dict | PreTrainedConfig | None = None
+    mm_projector_type: str = "mlp2x_gelu"
+    mm_vision_select_layer: int = -2
+    image_token_id: int | None = None
+    video_token_id: int | None = None
+    pad_token_id: int | None = None
+    ignore_index: int = -100
+    run_all_towers: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.video_config = _as_video_config(self.video_config)
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self) -> None:
+        """Check that the towers agree with each other (they share one projector)."""
+        towers = [c for c in (self.image_config, self.video_config) if isinstance(c, PreTrainedConfig)]
+        widths = {c.hidden_size for c in towers}
+        if len(widths) > 1:
+            raise ValueError(
+                f"image and video towers must have the same hidden size (they share mm_projector), got "
+                f"image {self.image_config.hidden_size} and video {self.video_config.hidden_size}"
+            )
+
+    @property
+    def mm_hidden_size(self) -> int:
+        """Width of the tower features that enter the projector."""
+        tower = self.video_config if self.video_config is not None else self.image_config
+        if tower is None:
+            raise ValueError("mm_hidden_size is undefined: the config has neither an image nor a video tower")
+        return tower.hidden_size
+
+    @property
+    def image_seq_length(self) -> int:
+        """Feature tokens per image: (S // P) ** 2 patches (CLS dropped)."""
+        if self.image_config is None:
+            raise ValueError("image_seq_length is undefined: the config has no image tower")
+        return _num_patches(self.image_config)
+
+    @property
+    def frame_seq_length(self) -> int:
+        """Feature tokens per video frame: (S // P) ** 2 patches + CLS."""
+        if self.video_config is None:
+            raise ValueError("frame_seq_length is undefined: the config has no video tower")
+        return _num_patches(self.video_config) + 1
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per video, fixed by the video tower's temporal embedding."""
+        if self.video_config is None:
+            raise ValueError("num_frames is undefined: the config has no video tower")
+        return self.video_config.num_frames
+
+    @property
+    def video_seq_length(self) -> int:
+        """Feature tokens per video: num_frames * frame_seq_length (CLS kept per frame)."""
+        return self.num_frames * self.frame_seq_length
+
+
+def _num_patches(config: CLIPVisionConfig) -> int:
+    """Patches per frame of a square ViT input."""
+    return (config.image_size // config.patch_size) ** 2
