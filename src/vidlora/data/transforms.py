@@ -132,7 +132,7 @@ def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
 
 def _image_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only buffers
     array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"image array must be uint8 [H, W, 3], got {array.dtype} {array.shape}")
