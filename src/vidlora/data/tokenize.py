@@ -1,0 +1,260 @@
+"""Conversation -> (input_ids, labels) by construction, with media placeholders expanded.
+
+The template renders a conversation into segments that are trained or not
+(:mod:`vidlora.data.templates`); each segment is tokenised on its own and the ids are
+concatenated, so labels never depend on re-tokenising prefixes and counting (the original's
+``preprocess_v1`` masking, which silently zeroed whole samples when a tokenizer's leading-space
+handling changed). Labels are the ids of trained segments and ``-100`` elsewhere.
+
+Segment-wise ids equal the ids of tokenising the whole prompt at once wherever segment and
+placeholder boundaries are token boundaries in the whole-prompt tokenisation, which holds for
+every registered template with LLaMA (SentencePiece/Metaspace) and byte-level BPE tokenizers,
+because boundaries fall before a space-led word, before/after a special token, or after
+punctuation that the pre-tokenizer splits off. Mechanics:
+
+* The tokenizer's own prefix (``<s>`` for LLaMA; nothing for GPT-2-style) is emitted once, at the
+  start, and never trained; suffixes it may add (an ``add_eos_token`` setting) are not used —
+  the template's terminator (``</s>``) is the trained end of each answer.
+* Text at the very start of the prompt is encoded as is (Metaspace prepends its "▁" there, as in
+  whole-prompt tokenisation). Any later text piece is encoded *behind the ``<image>`` special
+  token*, whose id is then dropped: the tokenizer treats the piece exactly as it treats text
+  that follows a special token or an earlier piece, i.e. Metaspace (``prepend_scheme="first"``)
+  does not prepend a second "▁" to ``" answer"`` or to ``"USER:"`` after ``</s>``, while a legacy
+  tokenizer that prepends after every special token keeps doing so.
+* Where it differs: if a template put a boundary inside what the tokenizer would make one token
+  (e.g. ``"ASSISTANT: "`` | ``"answer"``), whole-prompt tokenisation could merge across it;
+  here the two sides stay separate tokens. No registered template does this (tested).
+
+Placeholders ``<image>`` / ``<video>`` become exactly ``counts.image`` / ``counts.video`` copies of
+their token id, always with label ``-100``.
+
+Lengths: ``model_max_length`` keeps the original meaning — a bound on text tokens where each
+placeholder counts once (the original collator's cut); ``tokenizer_model_max_length`` bounds the
+expanded sequence (the original's cut after splicing features). A cut that would remove any media
+token (inside a run, or a whole placeholder) raises :class:`TokenizationError` instead of leaving
+pixels without positions; so does a sample left with no trained token. The caller decides
+whether that is fatal or a counted skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from vidlora.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Sample
+from vidlora.data.templates import PLACEHOLDER_PATTERN, Message, Template, TemplateError, get_template
+from vidlora.model.tokenizer import MediaTokenIds, media_token_ids
+
+IGNORE_INDEX = -100
+
+
+class TokenizationError(ValueError):
+    """A sample cannot be tokenised as asked (truncation would cut media, nothing left to train)."""
+
+    def __init__(self, reason: str, sample_id: str | None = None) -> None:
+        self.sample_id = sample_id
+        self.reason = reason
+        prefix = f"sample {sample_id!r}: " if sample_id is not None else ""
+        super().__init__(prefix + reason)
+
+
+@dataclass(frozen=True)
+class MediaTokenCounts:
+    """How many positions one image and one video occupy in the expanded sequence."""
+
+    image: int
+    video: int
+
+    @classmethod
+    def from_sizes(cls, image_size: int, patch_size: int, num_frames: int) -> MediaTokenCounts:
+        """Counts for a ViT with ``image_size``/``patch_size``: image (S//P)², video T·((S//P)²+1).
+
+        Images drop CLS; videos keep one CLS per frame (DESIGN.md §1). 224/14/8 gives 256 and 2056.
+        """
+        n = (image_size // patch_size) ** 2
+        return cls(image=n, video=num_frames * (n + 1))
+
+    @classmethod
+    def from_config(cls, config: Any) -> MediaTokenCounts:
+        """Read ``image_seq_length`` / ``video_seq_length`` from a model config."""
+        return cls(image=int(config.image_seq_length), video=int(config.video_seq_length))
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    """Token ids and labels of one conversation.
+
+    Attributes:
+        input_ids: ids with media placeholders expanded.
+        labels: same length; ``-100`` except on trained tokens.
+        num_text_tokens: tokens that are not media tokens (BOS included).
+        num_trained: tokens whose label is not ``-100``.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    num_text_tokens: int
+    num_trained: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a tokenizer puts before the text on ``encode`` (``[bos]`` for LLaMA, ``[]`` for GPT-2)."""
+    probe = "a"
+    with_special = tokenizer.encode(probe, add_special_tokens=True)
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return list(with_special[:start])
+    raise ValueError("cannot locate the text inside the tokenizer's special-token template")
+
+
+def tokenize_sample(
+    sample_or_turns: Sample | Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template | str,
+    counts: MediaTokenCounts,
+    *,
+    model_max_length: int | None = None,
+    tokenizer_model_max_length: int | None = None,
+    media_ids: MediaTokenIds | None = None,
+    sample_id: str | None = None,
+) -> TokenizedSample:
+    """Tokenise a training conversation into ids and labels (see the module docstring).
+
+    Args:
+        sample_or_turns: a :class:`Sample` (its placeholder counts are checked against its media)
+            or a sequence of messages with ``role``/``value``.
+        tokenizer: a tokenizer that has the media tokens (:func:`~vidlora.model.tokenizer.add_media_tokens`).
+        template: a template or its registered name.
+        counts: media token counts of the model.
+        model_max_length: bound on text tokens, each placeholder counting once; longer text is cut.
+        tokenizer_model_max_length: bound on the expanded sequence; longer sequences are cut.
+        media_ids: the media token ids; read from the tokenizer when omitted.
+        sample_id: id used in errors (defaults to the sample's id).
+
+    Raises:
+        TokenizationError: a cut would remove media tokens; nothing trained remains; the
+            conversation does not fit the template; placeholder counts differ from the media.
+    """
+    if isinstance(template, str):
+        template = get_template(template)
+    if media_ids is None:
+        media_ids = media_token_ids(tokenizer)
+    if isinstance(sample_or_turns, Sample):
+        sample_id = sample_id if sample_id is not None else sample_or_turns.id
+        turns: Sequence[Message] = sample_or_turns.conversations
+    else:
+        turns = sample_or_turns
+    try:
+        segments = template.segments(turns)
+    except TemplateError as exc:
+        raise TokenizationError(f"template {template.name!r}: {exc}", sample_id) from exc
+    if isinstance(sample_or_turns, Sample):
+        _check_media_counts(sample_or_turns, segments, template)
+
+    # Text-level sequence: each placeholder is one entry (its id), so model_max_length applies
+    # exactly as in the original collator.
+    ids: list[int] = list(special_prefix(tokenizer))
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    at_start = True
+    for text, trained in segments:
+        for piece in _split_placeholders(text):
+            if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+                ids.append(media_ids.image if piece == IMAGE_PLACEHOLDER else media_ids.video)
+                labels.append(IGNORE_INDEX)
+            else:
+                piece_ids = _encode_piece(tokenizer, piece, at_start, media_ids.image)
+                ids.extend(piece_ids)
+                labels.extend(piece_ids if trained else [IGNORE_INDEX] * len(piece_ids))
+            at_start = False
+
+    media = {media_ids.image: counts.image, media_ids.video: counts.video}
+    if model_max_length is not None and len(ids) > model_max_length:
+        dropped = [i for i in ids[model_max_length:] if i in media]
+        if dropped:
+            raise TokenizationError(
+                f"model_max_length={model_max_length} would cut {len(dropped)} media placeholder(s) "
+                f"from a text of {len(ids)} tokens (placeholders counted once)",
+                sample_id,
+            )
+        ids, labels = ids[:model_max_length], labels[:model_max_length]
+
+    expanded_ids: list[int] = []
+    expanded_labels: list[int] = []
+    for tok_id, label in zip(ids, labels, strict=True):
+        if tok_id in media:
+            expanded_ids.extend([tok_id] * media[tok_id])
+            expanded_labels.extend([IGNORE_INDEX] * media[tok_id])
+        else:
+            expanded_ids.append(tok_id)
+            expanded_labels.append(label)
+
+    limit = tokenizer_model_max_length
+    if limit is not None and len(expanded_ids) > limit:
+        cut_media = sum(1 for i in expanded_ids[limit:] if i in media)
+        if cut_media:
+            raise TokenizationError(
+                f"tokenizer_model_max_length={limit} would cut {cut_media} media token(s) from an expanded "
+                f"sequence of {len(expanded_ids)} tokens (media runs are never cut)",
+                sample_id,
+            )
+        expanded_ids, expanded_labels = expanded_ids[:limit], expanded_labels[:limit]
+
+    num_trained = sum(1 for label in expanded_labels if label != IGNORE_INDEX)
+    if num_trained == 0:
+        raise TokenizationError(
+            f"no trained tokens left (sequence of {len(expanded_ids)} tokens after truncation; "
+            f"model_max_length={model_max_length}, tokenizer_model_max_length={tokenizer_model_max_length})",
+            sample_id,
+        )
+    num_text = sum(1 for i in expanded_ids if i not in media)
+    return TokenizedSample(expanded_ids, expanded_labels, num_text, num_trained)
+
+
+def modality_length(tokenized: TokenizedSample, has_media: bool) -> int:
+    """Length for the modality-grouped sampler: expanded length, negated for text-only samples."""
+    n = len(tokenized.input_ids)
+    return n if has_media else -n
+
+
+def _split_placeholders(text: str) -> list[str]:
+    """Split text into placeholder and non-empty text pieces, in order."""
+    pieces: list[str] = []
+    pos = 0
+    for m in PLACEHOLDER_PATTERN.finditer(text):
+        if m.start() > pos:
+            pieces.append(text[pos : m.start()])
+        pieces.append(m.group())
+        pos = m.end()
+    if pos < len(text):
+        pieces.append(text[pos:])
+    return pieces
+
+
+def _encode_piece(tokenizer: PreTrainedTokenizerBase, text: str, at_start: bool, anchor_id: int) -> list[int]:
+    """Encode one text piece without special tokens, as it would tokenise in its context."""
+    if at_start:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    ids = tokenizer.encode(IMAGE_PLACEHOLDER + text, add_special_tokens=False)
+    if not ids or ids[0] != anchor_id:
+        raise ValueError(f"tokenizer does not keep {IMAGE_PLACEHOLDER} as one special token")
+    return list(ids[1:])
+
+
+def _check_media_counts(sample: Sample, segments: Sequence[Any], template: Template) -> None:
+    """The rendered prompt must hold one placeholder per medium (templates may not drop any)."""
+    text = "".join(s.text for s in segments)
+    n_video, n_image = text.count(VIDEO_PLACEHOLDER), text.count(IMAGE_PLACEHOLDER)
+    want_video = int(sample.video is not None)
+    if (n_video, n_image) != (want_video, len(sample.images)):
+        raise TokenizationError(
+            f"template {template.name!r} renders {n_video} {VIDEO_PLACEHOLDER} and {n_image} {IMAGE_PLACEHOLDER} "
+            f"placeholder(s) for {want_video} video(s) and {len(sample.images)} image(s)",
+            sample.id,
+        )
