@@ -73,7 +73,7 @@ SPLITS: tuple[str, ...] = ("train", "eval")
 # Geometry as fractions of the frame size, so --size scales everything.
 # One shape uses the whole frame; two to four shapes each get one cell of a 2x2 grid.
 _SINGLE_RADIUS, _SINGLE_TRAVEL = 0.10, 0.25
-_MULTI_RADIUS, _MULTI_TRAVEL = 0.07, 0.125
+_MULTI_RADIUS, _MULTI_TRAVEL = 0.085, 0.10
 _SQUARE_HALF = 0.85  # square half-side / radius: about the circle's area
 _TRIANGLE_HALF = 1.15  # triangle bounding-box half-size / radius: area comparable to the others
 
