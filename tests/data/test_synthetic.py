@@ -37,6 +37,7 @@ CLOSED = {
 CLOSED["text"] = CLOSED["motion"] | CLOSED["color"] | CLOSED["shape"] | CLOSED["count"]
 # Total travel from the first to the last frame: 0.25 * size for one shape, 0.1 * size for 2-4.
 TRAVEL = {1: 16.0, 2: 6.4, 3: 6.4, 4: 6.4}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 AXIS = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}  # (axis: 0=x 1=y, sign)
 
 
@@ -153,6 +154,7 @@ def test_different_seed_gives_different_dataset(tmp_path: Path, dataset: Path) -
 
 def test_json_is_videollava_format(dataset: Path) -> None:
     modalities: Counter[str] = Counter()
+    texts = 0
     for split, expected_n in (("train", 40), ("eval", 12)):
         samples = _load(dataset / f"{split}.json")
         assert len(samples) == expected_n
@@ -191,7 +193,17 @@ def test_json_is_videollava_format(dataset: Path) -> None:
                 options = re.search(r"Answer with one word: (.*)\.$", question["value"])
                 assert options is not None, s["id"]
                 assert word in re.split(r", | or ", options.group(1)), s["id"]
+                if qtype == "text":
+                    # Answerable from the text alone: the word is in the story, or is an opposite.
+                    story = question["value"][: options.start()].lower()
+                    opposite = re.search(r"opposite of (\w+)", story)
+                    if opposite:
+                        assert OPPOSITE[opposite.group(1)] == word, s["id"]
+                    else:
+                        assert re.search(rf"\b{word}\b", story), (s["id"], story, word)
+                    texts += 1
     assert modalities == {"video": 31, "image": 13, "text": 5, "video+image": 3}
+    assert texts == 5
 
 
 def test_videos_move_in_recorded_direction_with_recorded_colour(dataset: Path) -> None:

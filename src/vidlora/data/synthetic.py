@@ -19,7 +19,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -153,7 +153,6 @@ class SynthSummary:
     num_frames: int
     fps: int
     seed: int
-    extra: dict[str, str] = field(default_factory=dict)
 
     def format(self) -> str:
         """A human-readable multi-line report."""
@@ -299,13 +298,14 @@ def _text_turn(rng: np.random.Generator) -> Turn:
     count = int(rng.integers(1, 5))
     plural = "" if count == 1 else "s"
     story = f"{COUNT_WORDS[count - 1].capitalize()} {color} {shape}{plural} {'moves' if count == 1 else 'move'} {direction}."
+    pronoun, moves = ("is it", "does it move") if count == 1 else ("are they", "do they move")
     kind = int(rng.integers(5))
     if kind == 0:
-        question, answer, words = f"{story} What color are they?", color, tuple(COLORS)
+        question, answer, words = f"{story} What color {pronoun}?", color, tuple(COLORS)
     elif kind == 1:
-        question, answer, words = f"{story} Which direction do they move?", direction, DIRECTIONS
+        question, answer, words = f"{story} Which direction {moves}?", direction, DIRECTIONS
     elif kind == 2:
-        question, answer, words = f"{story} What shape are they?", shape, SHAPES
+        question, answer, words = f"{story} What shape {pronoun}?", shape, SHAPES
     elif kind == 3:
         question, answer, words = f"{story} How many shapes are there?", COUNT_WORDS[count - 1], COUNT_WORDS
     else:
