@@ -1,0 +1,168 @@
+"""`vidlora info`: parameter counts per part, and what trains under the LoRA recipe.
+
+Counts come from the module structure only, so ``videollava-7b`` is counted on the meta device in
+seconds. LoRA parameters are counted analytically, r * (in + out) for every target linear layer
+(`lora.lora_target_module_names`), which is exactly what PEFT adds with ``bias="none"``
+(tests check the two agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from vidlora.model import keymaps
+from vidlora.model.lora import lora_target_module_names
+
+PARTS = ("video_tower", "video_tower.temporal", "image_tower", "mm_projector", "language_model")
+_LABELS = {
+    "video_tower": "video tower (spatial)",
+    "video_tower.temporal": "video tower (temporal)",
+    "image_tower": "image tower",
+    "mm_projector": "projector",
+    "language_model": "LLM",
+    "lora": "LoRA adapters",
+}
+
+
+@dataclass
+class ParameterCounts:
+    """Parameters per part and the trainable/frozen split under the recipe.
+
+    Attributes:
+        parts: part -> parameters (tied weights counted once). ``video_tower`` excludes the temporal
+            layers, which ``video_tower.temporal`` counts.
+        lora: parameters LoRA adds (0 without LoRA).
+        lora_r: the rank counted, or None.
+        trainable: projector + LoRA (with LoRA), or projector + LLM (without).
+        frozen: towers (+ LLM with LoRA).
+    """
+
+    parts: dict[str, int] = field(default_factory=dict)
+    lora: int = 0
+    lora_r: int | None = None
+    trainable: int = 0
+    frozen: int = 0
+
+    @property
+    def base_total(self) -> int:
+        """All parameters of the model without LoRA."""
+        return sum(self.parts.values())
+
+    @property
+    def total(self) -> int:
+        """All parameters including LoRA."""
+        return self.base_total + self.lora
+
+
+def lora_parameter_count(model: nn.Module, r: int) -> int:
+    """Parameters LoRA of rank `r` adds to `model`: r * (in + out) per target linear (no bias)."""
+    total = 0
+    for name in lora_target_module_names(model):
+        linear = model.get_submodule(name)
+        total += r * (linear.in_features + linear.out_features)
+    return total
+
+
+def count_parameters(model: nn.Module, lora_r: int | None = None) -> ParameterCounts:
+    """Count `model`'s parameters per part and split them as the recipe trains them.
+
+    The recipe (`lora.apply_recipe`): towers frozen, projector trained, LLM under LoRA of rank
+    `lora_r` (frozen base), or trained in full when `lora_r` is None. Works on meta-device models.
+    """
+    counts = ParameterCounts(parts=dict.fromkeys(PARTS, 0), lora_r=lora_r)
+    for name, param in model.named_parameters():  # named_parameters drops tied duplicates
+        part = keymaps.part_of(name)
+        if part == "other":
+            raise ValueError(f"parameter {name!r} belongs to no known part of a VideoLlavaForCausalLM")
+        counts.parts[part] += param.numel()
+    if lora_r is not None:
+        counts.lora = lora_parameter_count(model, lora_r)
+    llm = counts.parts["language_model"]
+    towers = counts.parts["video_tower"] + counts.parts["video_tower.temporal"] + counts.parts["image_tower"]
+    counts.trainable = counts.parts["mm_projector"] + (counts.lora if lora_r is not None else llm)
+    counts.frozen = towers + (llm if lora_r is not None else 0)
+    return counts
+
+
+def format_counts(counts: ParameterCounts, title: str = "") -> str:
+    """A table for people: parameters per part, trainable vs frozen."""
+    rows = [(_LABELS[p], counts.parts[p]) for p in PARTS]
+    if counts.lora_r is not None:
+        rows.append((f"{_LABELS['lora']} (r={counts.lora_r})", counts.lora))
+    width = max(len(label) for label, _ in rows)
+    lines = [title] if title else []
+    lines += [f"{label:<{width}}  {n:>15,}" for label, n in rows]
+    total = counts.total
+    lines.append("-" * (width + 17))
+    lines.append(f"{'total':<{width}}  {total:>15,}")
+    lines.append(f"{'trainable':<{width}}  {counts.trainable:>15,}  ({100 * counts.trainable / total:.2f}%)")
+    lines.append(f"{'frozen':<{width}}  {counts.frozen:>15,}")
+    return "\n".join(lines)
+
+
+def _bool(value: str) -> bool:
+    """Seed-style booleans: True/False (also yes/no, 1/0)."""
+    lowered = value.lower()
+    if lowered in ("true", "yes", "1", "t", "y"):
+        return True
+    if lowered in ("false", "no", "0", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def _training_default(name: str) -> object:
+    # Defaults live with the training arguments; read them without building TrainingArguments.
+    from vidlora.config import TrainingArguments
+
+    return TrainingArguments.__dataclass_fields__[name].default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vidlora info` command line."""
+    parser = argparse.ArgumentParser(
+        prog="vidlora info",
+        description="Parameter counts per part of a Video-LLaVA model, trainable vs frozen under LoRA.",
+    )
+    parser.add_argument("--model_name_or_path", default="tiny", help="preset (tiny, videollava-7b), directory or hub id")
+    parser.add_argument("--video_tower", default=None, help="LanguageBind video tower (for a plain LLM)")
+    parser.add_argument("--image_tower", default=None, help="LanguageBind image tower (for a plain LLM)")
+    parser.add_argument("--lora_enable", type=_bool, default=_training_default("lora_enable"), help="True/False")
+    parser.add_argument("--lora_r", type=int, default=_training_default("lora_r"), help="LoRA rank")
+    parser.add_argument("--lora_alpha", type=int, default=_training_default("lora_alpha"), help="LoRA alpha")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `vidlora info`; returns the exit status."""
+    from vidlora.model.loading import load_pretrained
+
+    args = build_parser().parse_args(argv)
+    if args.lora_enable and args.lora_r < 1:
+        print(f"vidlora info: --lora_r {args.lora_r}: must be at least 1", file=sys.stderr)
+        return 2
+    loaded = load_pretrained(
+        args.model_name_or_path, video_tower=args.video_tower, image_tower=args.image_tower, device="meta"
+    )
+    counts = count_parameters(loaded.model, lora_r=args.lora_r if args.lora_enable else None)
+    if args.json:
+        payload = asdict(counts) | {
+            "model": args.model_name_or_path,
+            "lora_alpha": args.lora_alpha if args.lora_enable else None,
+            "base_total": counts.base_total,
+            "total": counts.total,
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        recipe = f"LoRA r={args.lora_r} alpha={args.lora_alpha}" if args.lora_enable else "no LoRA (LLM trained in full)"
+        print(format_counts(counts, title=f"{args.model_name_or_path}: towers frozen, projector trained, {recipe}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""What trains: towers frozen, projector fully trained, LoRA on every linear layer of the LLM.
+
+The original Video-LLaVA (`find_all_linear_names`) puts LoRA on every ``nn.Linear`` except
+``lm_head`` and skips anything whose name contains ``mm_projector`` or a tower. A plain list of leaf
+names (``q_proj``, ``k_proj`` ...) is not enough here: PEFT matches a list entry against the *end* of a
+module path, and CLIP's attention in both towers uses ``q_proj``/``k_proj``/``v_proj`` too. So the
+target is a regex that PEFT matches against the *whole* path and that is anchored at
+``language_model.``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+LLM_PREFIX = "language_model."
+# The output head stays a plain linear layer in the original (and in PEFT's own defaults).
+_EXCLUDED_LEAVES = frozenset({"lm_head"})
+
+
+def lora_target_module_names(model: nn.Module) -> list[str]:
+    """Full paths of the modules that get LoRA: every `nn.Linear` under `language_model` but `lm_head`."""
+    names = []
+    for name, module in model.named_modules():
+        if not name.startswith(LLM_PREFIX) or not isinstance(module, nn.Linear):
+            continue
+        if name.rsplit(".", 1)[-1] in _EXCLUDED_LEAVES:
+            continue
+        names.append(name)
+    if not names:
+        raise ValueError(f"no nn.Linear under {LLM_PREFIX!r}: is this a VideoLlavaForCausalLM?")
+    return names
+
+
+def lora_target_modules(model: nn.Module) -> str:
+    """A PEFT `target_modules` regex (full match) selecting exactly `lora_target_module_names(model)`.
+
+    Written as "``language_model.`` + any path + one of the LLM's linear leaf names", so that it stays
+    short in ``adapter_config.json`` and applies to any model of the same architecture; the function
+    checks that it selects exactly the intended modules of this one.
+    """
+    names = lora_target_module_names(model)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    pattern = rf"^{re.escape(LLM_PREFIX)}(?:.*\.)?(?:{'|'.join(map(re.escape, leaves))})$"
+    compiled = re.compile(pattern)
+    selected = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and compiled.fullmatch(name)
+    ]
+    if selected != names:
+        extra = sorted(set(selected) - set(names))
+        raise ValueError(f"LoRA target regex {pattern!r} would also select {extra[:5]}; refusing")
+    return pattern
+
+
+def build_lora_config(
+    r: int,
+    alpha: int,
+    dropout: float = 0.05,
+    bias: str = "none",
+    target_modules: str | list[str] | None = None,
+) -> LoraConfig:
+    """The original recipe's LoRA config (task CAUSAL_LM).
+
+    `target_modules` defaults to the regex for LLaMA-style LLMs (the seven projections of every
+    decoder layer); pass `lora_target_modules(model)` for another architecture.
+    """
+    if r <= 0:
+        raise ValueError(f"lora_r must be positive, got {r}")
+    if target_modules is None:
+        target_modules = (
+            r"^language_model\.(?:.*\.)?(?:down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)$"
+        )
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias=bias,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_recipe(model: nn.Module, lora_config: LoraConfig | None) -> nn.Module:
+    """Declare what trains, in one place.
+
+    Towers: frozen. Projector: fully trainable. LLM: LoRA adapters only when `lora_config` is given
+    (the result is then a `PeftModel`), otherwise fully trainable (the original's non-LoRA run).
+    Returns the model to train (the input itself when there is no LoRA).
+    """
+    for part in ("image_tower", "video_tower"):
+        tower = getattr(model, part, None)
+        if tower is not None:
+            tower.requires_grad_(False)
+    llm = model.get_submodule("language_model")
+    projector = model.get_submodule("mm_projector")
+    if lora_config is None:
+        llm.requires_grad_(True)
+        projector.requires_grad_(True)
+        return model
+    peft_model: PeftModel = get_peft_model(model, lora_config)
+    # get_peft_model froze every base weight; the projector is trained in full, as in the original.
+    projector.requires_grad_(True)
+    return peft_model
