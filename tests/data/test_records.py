@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vidlora.data.records import RecordError, Sample, Turn, load_records, resolve_media
+from vidlora.data.records import RecordError, Sample, Turn, load_records, read_records, resolve_media
 
 GOOD = [
     {
@@ -357,3 +357,35 @@ def test_resolve_image_escape_names_image_index(media_tree):
 def test_resolve_without_folder(media_tree):
     with pytest.raises(RecordError, match=r"field 'video': 'a.mp4' is relative but no video folder"):
         resolve_media(make_sample(media_tree, "a.mp4"), None, None)
+
+
+def test_read_records_collects_every_problem_with_kinds(tmp_path):
+    good = write_json(tmp_path / "good.json", [GOOD[0], GOOD[2]])
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            GOOD[1],
+            _sample(conversations=conv(("gpt", "A"))),
+            _sample(id="p", image="a.jpg", conversations=conv(("human", "<image><image>"), ("gpt", "A"))),
+            dict(GOOD[2], id="v1"),
+        ],
+    )
+    samples, errors = read_records([good, broken, mixed], duplicate_ids="error")
+    assert [s.id for s in samples] == ["v1", "t1", "7"]
+    assert [(e.file.name, e.index, e.sample_id, e.kind) for e in errors] == [
+        ("broken.json", None, None, "invalid_file"),
+        ("mixed.jsonl", 1, "bad", "invalid_record"),
+        ("mixed.jsonl", 2, "p", "placeholder_mismatch"),
+        ("mixed.jsonl", 3, "v1", "duplicate_id"),
+    ]
+    # load_records raises the first of them.
+    with pytest.raises(RecordError, match=r"broken\.json: malformed JSON"):
+        load_records([good, broken, mixed], duplicate_ids="error")
+
+
+def test_resolve_error_kind_is_bad_path(media_tree):
+    with pytest.raises(RecordError) as info:
+        resolve_media(make_sample(media_tree, "../x.mp4"), media_tree / "videos", None)
+    assert info.value.kind == "bad_path"

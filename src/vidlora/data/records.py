@@ -14,6 +14,9 @@ Decisions (the original accepted or silently repaired all of these; we document 
 * **ids**: a string or an integer (kept as ``str``). A missing id becomes ``"<file name>:<index>"``.
   Duplicate ids warn by default (the original overwrote every id with a running index, so
   existing data sets often repeat them); ``duplicate_ids="error"`` makes them an error.
+* **Errors**: :func:`load_records` raises the first :class:`RecordError`; :func:`read_records`
+  returns every one (with a stable ``kind``) beside the valid samples, for ``vidlora check`` and
+  counted skips.
 * **Turns**: ``from`` is ``"human"`` or ``"gpt"``, alternating and starting with ``human``; with
   ``require_answer`` (default) the last turn is ``gpt``. One leading ``{"from": "system"}`` turn
   is accepted and overrides the template's system prompt. Values are non-empty strings.
@@ -38,13 +41,20 @@ from typing import Any, Literal
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 ROLES = ("human", "gpt")
+PLACEHOLDER_MISMATCH = "placeholder_mismatch"
 
-#: Builds a RecordError for the current sample from (reason, field).
-_ErrorFn = Callable[[str, "str | None"], "RecordError"]
+#: Builds a RecordError for the current sample from (reason, field[, kind]).
+_ErrorFn = Callable[..., "RecordError"]
 
 
 class RecordError(ValueError):
-    """A record file or sample is invalid. The message names file, sample index, id and field."""
+    """A record file or sample is invalid. The message names file, sample index, id and field.
+
+    ``kind`` is a stable category for reports: ``"invalid_file"`` (the file cannot be read as
+    records; ``index`` is None), ``"invalid_record"`` (fields or conversation malformed),
+    ``"placeholder_mismatch"`` (``<video>``/``<image>`` placeholders do not match the media),
+    ``"duplicate_id"`` or ``"bad_path"`` (from :func:`resolve_media`).
+    """
 
     def __init__(
         self,
@@ -54,12 +64,14 @@ class RecordError(ValueError):
         index: int | None = None,
         sample_id: str | None = None,
         field: str | None = None,
+        kind: str | None = None,
     ) -> None:
         self.file = Path(file)
         self.index = index
         self.sample_id = sample_id
         self.field = field
         self.reason = reason
+        self.kind = kind or ("invalid_file" if index is None else "invalid_record")
         where = str(self.file)
         if index is not None:
             where += f": sample {index}"
@@ -123,19 +135,50 @@ def load_records(
         The samples, file by file, in file order.
 
     Raises:
-        RecordError: unreadable file, malformed JSON (with line/column), non-list top level, or an
-            invalid sample (naming its index, id and field).
+        RecordError: the first problem found: unreadable file, malformed JSON (with line/column),
+            non-list top level, or an invalid sample (naming its index, id and field).
+    """
+    samples, errors = read_records(paths, duplicate_ids=duplicate_ids, require_answer=require_answer)
+    if errors:
+        raise errors[0]
+    return samples
+
+
+def read_records(
+    paths: Sequence[str | Path] | str | Path,
+    *,
+    duplicate_ids: Literal["warn", "error"] = "warn",
+    require_answer: bool = True,
+) -> tuple[list[Sample], list[RecordError]]:
+    """Like :func:`load_records`, but collect every problem instead of stopping at the first.
+
+    A file that cannot be read as records gives one ``invalid_file`` error and no samples; each
+    invalid record gives one error and is left out. With ``duplicate_ids="error"`` each repeated
+    id is an error (``kind="duplicate_id"``) and the later record is left out.
+
+    Returns:
+        ``(valid samples in file order, errors in file order)``.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise ValueError("no data files given")
     samples: list[Sample] = []
+    errors: list[RecordError] = []
     for path in map(Path, paths):
-        for index, obj in enumerate(_read_objects(path)):
-            samples.append(_parse_sample(obj, path, index, require_answer))
-    _check_duplicates(samples, duplicate_ids)
-    return samples
+        try:
+            objects = _read_objects(path)
+        except RecordError as err:
+            errors.append(err)
+            continue
+        for index, obj in enumerate(objects):
+            try:
+                samples.append(_parse_sample(obj, path, index, require_answer))
+            except RecordError as err:
+                errors.append(err)
+    samples, dup_errors = _check_duplicates(samples, duplicate_ids)
+    errors.extend(dup_errors)
+    return samples, errors
 
 
 def resolve_media(
@@ -235,8 +278,8 @@ def _parse_sample(obj: Any, path: Path, index: int, require_answer: bool) -> Sam
     else:
         sample_id = str(raw_id)
 
-    def error(reason: str, fld: str | None) -> RecordError:
-        return RecordError(reason, file=path, index=index, sample_id=sample_id, field=fld)
+    def error(reason: str, fld: str | None, kind: str | None = None) -> RecordError:
+        return RecordError(reason, file=path, index=index, sample_id=sample_id, field=fld, kind=kind)
 
     video = _parse_video(obj, error)
     images = _parse_images(obj, error)
@@ -329,16 +372,24 @@ def _check_placeholders(
     for k, turn in enumerate(turns):
         nv, ni = turn.value.count(VIDEO_PLACEHOLDER), turn.value.count(IMAGE_PLACEHOLDER)
         if turn.role != "human" and (nv or ni):
-            raise error("media placeholders may only appear in human turns", f"conversations[{k}].value")
+            raise error(
+                "media placeholders may only appear in human turns",
+                f"conversations[{k}].value",
+                PLACEHOLDER_MISMATCH,
+            )
         n_video += nv
         n_image += ni
     want_video = int(video is not None)
     if n_video and n_video != want_video:
         what = "no video is given" if video is None else "the sample has one video"
-        raise error(f"{n_video} {VIDEO_PLACEHOLDER} placeholder(s) but {what}", "conversations")
+        raise error(
+            f"{n_video} {VIDEO_PLACEHOLDER} placeholder(s) but {what}", "conversations", PLACEHOLDER_MISMATCH
+        )
     if n_image and n_image != len(images):
         raise error(
-            f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) given", "conversations"
+            f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) given",
+            "conversations",
+            PLACEHOLDER_MISMATCH,
         )
     prefix = (VIDEO_PLACEHOLDER + "\n") * (want_video if n_video == 0 else 0)
     prefix += (IMAGE_PLACEHOLDER + "\n") * (len(images) if n_image == 0 else 0)
@@ -350,34 +401,47 @@ def _check_placeholders(
     return out
 
 
-def _check_duplicates(samples: list[Sample], mode: str) -> None:
+def _check_duplicates(samples: list[Sample], mode: str) -> tuple[list[Sample], list[RecordError]]:
+    """Warn about repeated ids, or (mode "error") turn each repeat into an error and drop it."""
     seen: dict[str, Sample] = {}
+    kept: list[Sample] = []
     dups: list[tuple[Sample, Sample]] = []
     for s in samples:
         if s.id in seen:
             dups.append((seen[s.id], s))
+            if mode == "error":
+                continue
         else:
             seen[s.id] = s
+        kept.append(s)
     if not dups:
-        return
+        return samples, []
+    if mode == "error":
+        errors = [
+            RecordError(
+                f"duplicate id (first seen at sample {first.index} of {first.source})",
+                file=again.source,
+                index=again.index,
+                sample_id=again.id,
+                field="id",
+                kind="duplicate_id",
+            )
+            for first, again in dups
+        ]
+        return kept, errors
     first, again = dups[0]
     detail = f"id {first.id!r} at {first.source}:{first.index} and {again.source}:{again.index}"
-    if mode == "error":
-        raise RecordError(
-            f"duplicate id (also at sample {first.index} of {first.source}); {len(dups)} duplicate(s) in all",
-            file=again.source,
-            index=again.index,
-            sample_id=again.id,
-            field="id",
-        )
-    warnings.warn(f"{len(dups)} duplicate sample id(s), first: {detail}", UserWarning, stacklevel=3)
+    warnings.warn(f"{len(dups)} duplicate sample id(s), first: {detail}", UserWarning, stacklevel=4)
+    return kept, []
 
 
 def _resolve_one(
     sample: Sample, fld: str, value: str, folder: str | Path | None, allow_outside: bool
 ) -> Path:
     def error(reason: str) -> RecordError:
-        return RecordError(reason, file=sample.source, index=sample.index, sample_id=sample.id, field=fld)
+        return RecordError(
+            reason, file=sample.source, index=sample.index, sample_id=sample.id, field=fld, kind="bad_path"
+        )
 
     rel = Path(value)
     if rel.is_absolute():
