@@ -119,20 +119,26 @@ class Template:
             raise TemplateError("a training conversation must end with a 'gpt' turn")
         return self._render(system, turns, generation=False)
 
-    def render_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """Render a conversation as one string, e.g. for inference.
+    def prompt_segments(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> list[Segment]:
+        """Render a conversation for inference into segments (like :meth:`segments`).
 
         Args:
             messages: as for :meth:`segments`, but may end with a ``human`` turn.
-            add_generation_prompt: append the assistant's header (``" ASSISTANT:"`` for v1) after a
+            add_generation_prompt: append the assistant's header (``"ASSISTANT:"`` for v1) after a
                 final user turn, exactly as the original's ``append_message(roles[1], None)``.
 
         Returns:
-            The prompt text (placeholders not expanded).
+            Segments whose texts concatenate to the original's ``get_prompt()``.
         """
         system, turns = self._split(messages)
         generation = add_generation_prompt and len(turns) % 2 == 1
-        return "".join(s.text for s in self._render(system, turns, generation=generation))
+        return self._render(system, turns, generation=generation)
+
+    def render_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """Render a conversation as one string (placeholders not expanded); see :meth:`prompt_segments`."""
+        return "".join(s.text for s in self.prompt_segments(messages, add_generation_prompt))
 
     # -- internals -------------------------------------------------------------------------
 

@@ -45,7 +45,14 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from vidlora.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Sample
-from vidlora.data.templates import PLACEHOLDER_PATTERN, Message, Template, TemplateError, get_template
+from vidlora.data.templates import (
+    PLACEHOLDER_PATTERN,
+    Message,
+    Segment,
+    Template,
+    TemplateError,
+    get_template,
+)
 from vidlora.model.tokenizer import MediaTokenIds, media_token_ids
 
 IGNORE_INDEX = -100
@@ -160,19 +167,7 @@ def tokenize_sample(
 
     # Text-level sequence: each placeholder is one entry (its id), so model_max_length applies
     # exactly as in the original collator.
-    ids: list[int] = list(special_prefix(tokenizer))
-    labels: list[int] = [IGNORE_INDEX] * len(ids)
-    at_start = True
-    for text, trained in segments:
-        for piece in _split_placeholders(text):
-            if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
-                ids.append(media_ids.image if piece == IMAGE_PLACEHOLDER else media_ids.video)
-                labels.append(IGNORE_INDEX)
-            else:
-                piece_ids = _encode_piece(tokenizer, piece, at_start, media_ids.image)
-                ids.extend(piece_ids)
-                labels.extend(piece_ids if trained else [IGNORE_INDEX] * len(piece_ids))
-            at_start = False
+    ids, labels = _encode_segments(segments, tokenizer, media_ids)
 
     media = {media_ids.image: counts.image, media_ids.video: counts.video}
     if model_max_length is not None and len(ids) > model_max_length:
@@ -185,15 +180,7 @@ def tokenize_sample(
             )
         ids, labels = ids[:model_max_length], labels[:model_max_length]
 
-    expanded_ids: list[int] = []
-    expanded_labels: list[int] = []
-    for tok_id, label in zip(ids, labels, strict=True):
-        if tok_id in media:
-            expanded_ids.extend([tok_id] * media[tok_id])
-            expanded_labels.extend([IGNORE_INDEX] * media[tok_id])
-        else:
-            expanded_ids.append(tok_id)
-            expanded_labels.append(label)
+    expanded_ids, expanded_labels = _expand(ids, labels, media)
 
     limit = tokenizer_model_max_length
     if limit is not None and len(expanded_ids) > limit:
@@ -223,6 +210,75 @@ def modality_length(tokenized: TokenizedSample, has_media: bool) -> int:
     return n if has_media else -n
 
 
+def tokenize_prompt(
+    messages: Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template | str,
+    counts: MediaTokenCounts,
+    *,
+    media_ids: MediaTokenIds | None = None,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of an inference prompt, built exactly like training's (same pieces, same expansion).
+
+    Args:
+        messages: the conversation so far, normally ending with a ``human`` turn.
+        tokenizer / template / counts / media_ids: as for :func:`tokenize_sample`.
+        add_generation_prompt: end with the assistant header so the model writes the answer.
+
+    Returns:
+        The ids (special prefix included, placeholders expanded). No truncation is applied.
+
+    Raises:
+        TokenizationError: the messages do not fit the template.
+    """
+    if isinstance(template, str):
+        template = get_template(template)
+    if media_ids is None:
+        media_ids = media_token_ids(tokenizer)
+    try:
+        segments = template.prompt_segments(messages, add_generation_prompt)
+    except TemplateError as exc:
+        raise TokenizationError(f"template {template.name!r}: {exc}") from exc
+    ids, labels = _encode_segments(segments, tokenizer, media_ids)
+    expanded, _ = _expand(ids, labels, {media_ids.image: counts.image, media_ids.video: counts.video})
+    return expanded
+
+
+def _encode_segments(
+    segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, media_ids: MediaTokenIds
+) -> tuple[list[int], list[int]]:
+    """Text-level ids and labels: special prefix, then each piece; a placeholder is one id."""
+    ids: list[int] = list(special_prefix(tokenizer))
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    at_start = True
+    for text, trained in segments:
+        for piece in _split_placeholders(text):
+            if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+                ids.append(media_ids.image if piece == IMAGE_PLACEHOLDER else media_ids.video)
+                labels.append(IGNORE_INDEX)
+            else:
+                piece_ids = _encode_piece(tokenizer, piece, at_start, media_ids.image)
+                ids.extend(piece_ids)
+                labels.extend(piece_ids if trained else [IGNORE_INDEX] * len(piece_ids))
+            at_start = False
+    return ids, labels
+
+
+def _expand(ids: list[int], labels: list[int], media: dict[int, int]) -> tuple[list[int], list[int]]:
+    """Repeat each media id ``media[id]`` times (labels -100 there)."""
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    for tok_id, label in zip(ids, labels, strict=True):
+        if tok_id in media:
+            out_ids.extend([tok_id] * media[tok_id])
+            out_labels.extend([IGNORE_INDEX] * media[tok_id])
+        else:
+            out_ids.append(tok_id)
+            out_labels.append(label)
+    return out_ids, out_labels
+
+
 def _split_placeholders(text: str) -> list[str]:
     """Split text into placeholder and non-empty text pieces, in order."""
     pieces: list[str] = []
@@ -247,7 +303,7 @@ def _encode_piece(tokenizer: PreTrainedTokenizerBase, text: str, at_start: bool,
     return list(ids[1:])
 
 
-def _check_media_counts(sample: Sample, segments: Sequence[Any], template: Template) -> None:
+def _check_media_counts(sample: Sample, segments: Sequence[Segment], template: Template) -> None:
     """The rendered prompt must hold one placeholder per medium (templates may not drop any)."""
     text = "".join(s.text for s in segments)
     n_video, n_image = text.count(VIDEO_PLACEHOLDER), text.count(IMAGE_PLACEHOLDER)
