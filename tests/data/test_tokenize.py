@@ -373,6 +373,20 @@ def test_requires_media_tokens():
         tokenize_sample(TEXT, bare, "v1", COUNTS)
 
 
+def test_refuses_space_stripping_media_tokens():
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(vocab={"<unk>": 0, "a": 1, "Ġ": 2}, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.add_special_tokens(
+        [AddedToken("<image>", rstrip=True), AddedToken("<video>"), AddedToken("<pad>")]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
+    with pytest.raises(ValueError, match="'<image>' strips neighbouring spaces"):
+        tokenize_sample([Turn("human", "<image> a"), Turn("gpt", "a")], tok, "plain", COUNTS)
+
+
 def test_modality_length(toks):
     tok = toks["llama"]
     mm = tokenize_sample(VIDEO_1, tok, "v1", COUNTS)

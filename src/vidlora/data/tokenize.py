@@ -249,6 +249,15 @@ def _encode_segments(
     segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, media_ids: MediaTokenIds
 ) -> tuple[list[int], list[int]]:
     """Text-level ids and labels: special prefix, then each piece; a placeholder is one id."""
+    for tok_id in (media_ids.image, media_ids.video):
+        added = tokenizer.added_tokens_decoder.get(tok_id)
+        # A media token that strips neighbouring spaces would make piece-wise ids differ from
+        # whole-prompt ids (and <image> is the anchor for later pieces), so refuse it.
+        if added is not None and (added.lstrip or added.rstrip):
+            raise ValueError(
+                f"media token {added.content!r} strips neighbouring spaces (lstrip/rstrip); "
+                "add it with vidlora.model.tokenizer.add_media_tokens instead"
+            )
     ids: list[int] = list(special_prefix(tokenizer))
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     at_start = True
