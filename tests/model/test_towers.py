@@ -72,7 +72,11 @@ def test_video_tower_key_names_are_languagebind_vision_model_keys():
     assert layer0 == (
         {f"self_attn.{a}" for a in attn}
         | {f"temporal_attn.{a}" for a in attn}
-        | {f"{n}.{w}" for n in ("layer_norm1", "layer_norm2", "temporal_layer_norm1") for w in ("weight", "bias")}
+        | {
+            f"{n}.{w}"
+            for n in ("layer_norm1", "layer_norm2", "temporal_layer_norm1")
+            for w in ("weight", "bias")
+        }
         | {f"mlp.{fc}.{w}" for fc in ("fc1", "fc2") for w in ("weight", "bias")}
         | {"temporal_embedding"}
     )
@@ -166,7 +170,9 @@ def _np_attention(x: np.ndarray, p: dict[str, np.ndarray], prefix: str, heads: i
     return proj("out_proj", out)
 
 
-def _np_languagebind_layer(x: np.ndarray, p: dict[str, np.ndarray], t: int, heads: int, eps: float) -> np.ndarray:
+def _np_languagebind_layer(
+    x: np.ndarray, p: dict[str, np.ndarray], t: int, heads: int, eps: float
+) -> np.ndarray:
     """One LanguageBind video encoder layer, written from reference/videollava-facts.md §1."""
     bt, n, d = x.shape
     b = bt // t
@@ -182,7 +188,9 @@ def _np_languagebind_layer(x: np.ndarray, p: dict[str, np.ndarray], t: int, head
     )
     v = v + y.reshape(b, n, t, d).transpose(0, 2, 1, 3)
     x = v.reshape(bt, n, d)
-    x = x + _np_attention(_np_layer_norm(x, p["layer_norm1.weight"], p["layer_norm1.bias"], eps), p, "self_attn", heads)
+    x = x + _np_attention(
+        _np_layer_norm(x, p["layer_norm1.weight"], p["layer_norm1.bias"], eps), p, "self_attn", heads
+    )
     h = _np_layer_norm(x, p["layer_norm2.weight"], p["layer_norm2.bias"], eps)
     h = h @ p["mlp.fc1.weight"].T + p["mlp.fc1.bias"]
     h = 0.5 * h * (1.0 + erf(h / math.sqrt(2.0)))  # exact GELU ("gelu")

@@ -28,11 +28,10 @@ class LanguageBindVideoConfig(CLIPVisionConfig):
     num_frames: int = 8
     add_time_attn: bool = True
 
-    def validate_architecture(self) -> None:
-        """Reject sizes the video tower cannot run with (part of the config's strict validation)."""
-        super().validate_architecture()
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
         if self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+            raise ValueError(f"video tower num_frames must be >= 1, got {self.num_frames}")
 
 
 def _as_video_config(config: PreTrainedConfig | dict | None) -> LanguageBindVideoConfig | dict | None:
@@ -86,9 +85,15 @@ class VideoLlavaConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         self.video_config = _as_video_config(self.video_config)
         super().__post_init__(**kwargs)
+        self._check_towers()
+        if self.ignore_index != -100:
+            # transformers' causal-LM losses ignore -100 only; labels must use it.
+            raise ValueError(
+                f"ignore_index must be -100 (the LLM loss ignores -100), got {self.ignore_index}"
+            )
 
-    def validate_architecture(self) -> None:
-        """Check that the towers agree with each other (they share one projector)."""
+    def _check_towers(self) -> None:
+        """The towers share one projector, so their widths must agree."""
         towers = [c for c in (self.image_config, self.video_config) if isinstance(c, PreTrainedConfig)]
         widths = {c.hidden_size for c in towers}
         if len(widths) > 1:

@@ -174,7 +174,9 @@ def build_config(
             if value is None:
                 sections[key] = None
             elif not isinstance(value, Mapping):
-                raise ValueError(f"override {key} must be a dict of fields or None, got {type(value).__name__}")
+                raise ValueError(
+                    f"override {key} must be a dict of fields or None, got {type(value).__name__}"
+                )
             elif sections[key] is None:
                 raise ValueError(f"preset {name!r} has no {key.replace('_config', '')} tower to override")
             else:
@@ -184,7 +186,9 @@ def build_config(
     return VideoLlavaConfig(
         text_config=LlamaConfig(**sections["text_config"]),
         image_config=CLIPVisionConfig(**sections["image_config"]) if sections["image_config"] else None,
-        video_config=LanguageBindVideoConfig(**sections["video_config"]) if sections["video_config"] else None,
+        video_config=LanguageBindVideoConfig(**sections["video_config"])
+        if sections["video_config"]
+        else None,
         **fields,
     )
 
