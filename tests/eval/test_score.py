@@ -23,20 +23,18 @@ def _write_jsonl(path, records):
 
 # 4 motion (3 right), 2 color (1 right); modalities cut across types:
 # video: m1 m2 m4 c2 -> 2/4, video+image: m3 -> 1/1, image: c1 -> 1/1; overall 4/6.
+def _rec(sample_id, answer, prediction, qtype, modality):
+    return {"id": sample_id, "question": "q", "answer": answer, "prediction": prediction, "type": qtype,
+            "modality": modality}  # fmt: skip
+
+
 HAND_MADE = [
-    {"id": "m1", "question": "q", "answer": "left", "prediction": "Left.", "type": "motion", "modality": "video"},
-    {"id": "m2", "question": "q", "answer": "up", "prediction": "up</s>", "type": "motion", "modality": "video"},
-    {
-        "id": "m3",
-        "question": "q",
-        "answer": "down",
-        "prediction": "Down. The shapes move down.",
-        "type": "motion",
-        "modality": "video+image",
-    },
-    {"id": "m4", "question": "q", "answer": "right", "prediction": "left", "type": "motion", "modality": "video"},
-    {"id": "c1", "question": "q", "answer": "red", "prediction": "The red", "type": "color", "modality": "image"},
-    {"id": "c2", "question": "q", "answer": "blue", "prediction": "purple", "type": "color", "modality": "video"},
+    _rec("m1", "left", "Left.", "motion", "video"),
+    _rec("m2", "up", "up</s>", "motion", "video"),
+    _rec("m3", "down", "Down. The shapes move down.", "motion", "video+image"),
+    _rec("m4", "right", "left", "motion", "video"),
+    _rec("c1", "red", "The red", "color", "image"),
+    _rec("c2", "blue", "purple", "color", "video"),
 ]
 
 
@@ -187,7 +185,10 @@ DATA = [
         "id": 7,
         "video": "v.mp4",
         "image": "i.png",
-        "conversations": [{"from": "human", "value": "<video>\n<image>\nSame?"}, {"from": "gpt", "value": "yes"}],
+        "conversations": [
+            {"from": "human", "value": "<video>\n<image>\nSame?"},
+            {"from": "gpt", "value": "yes"},
+        ],
     },
 ]
 
