@@ -397,6 +397,37 @@ def test_tokens_added_and_embeddings_resized_to_the_mean(tmp_path, towers) -> No
     assert "embeddings resized 23 -> 26" in text
 
 
+def test_our_layout_round_trip_and_dtype(tmp_path, source) -> None:
+    model, tokenizer = source
+    model.save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+
+    loaded = load_pretrained(str(tmp_path / "merged"))
+    assert loaded.report.layout == "ours"
+    assert_same_weights(loaded.model, model.state_dict())
+    assert_every_tensor_used(loaded.report, allowed_ignored=set())
+    assert loaded.report.notes == []  # nothing added, nothing resized, nothing defaulted
+
+    half = load_pretrained(str(tmp_path / "merged"), torch_dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    reference = model.state_dict()["video_tower.encoder.layers.1.temporal_attn.q_proj.weight"].to(torch.bfloat16)
+    assert torch.equal(half.model.state_dict()["video_tower.encoder.layers.1.temporal_attn.q_proj.weight"], reference)
+
+
+def test_meta_device_reads_structure_only(tmp_path, source, towers) -> None:
+    model, tokenizer = source
+    video_dir, image_dir = towers
+    ckpt = write_original(tmp_path / "ckpt", model, tokenizer, video_dir=video_dir, image_dir=image_dir)
+    for shard in ckpt.glob("*.safetensors"):
+        shard.unlink()  # not needed on the meta device
+
+    loaded = load_pretrained(str(ckpt), device="meta")
+
+    assert all(p.is_meta for p in loaded.model.parameters())
+    assert loaded.report.sources == []
+    assert sum(p.numel() for p in loaded.model.parameters()) == sum(p.numel() for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # Strictness
 # ---------------------------------------------------------------------------------------------

@@ -73,27 +73,38 @@ def count_parameters(model: nn.Module, lora_r: int | None = None) -> ParameterCo
 
     The recipe (`lora.apply_recipe`): towers frozen, projector trained, LLM under LoRA of rank
     `lora_r` (frozen base), or trained in full when `lora_r` is None. Works on meta-device models.
+    A model that already carries PEFT LoRA layers (a `PeftModel` or its injected base) is counted as
+    it is: its LoRA parameters are the ``lora`` part and `lora_r` is not needed.
     """
     counts = ParameterCounts(parts=dict.fromkeys(PARTS, 0), lora_r=lora_r)
+    injected = 0
     for name, param in model.named_parameters():  # named_parameters drops tied duplicates
-        part = keymaps.part_of(name)
+        name = name.removeprefix("base_model.model.")
+        if ".lora_" in name:
+            injected += param.numel()
+            continue
+        part = keymaps.part_of(name.replace(".base_layer.", "."))
         if part == "other":
             raise ValueError(f"parameter {name!r} belongs to no known part of a VideoLlavaForCausalLM")
         counts.parts[part] += param.numel()
-    if lora_r is not None:
+    if injected:
+        counts.lora = injected
+    elif lora_r is not None:
         counts.lora = lora_parameter_count(model, lora_r)
+    with_lora = counts.lora > 0
     llm = counts.parts["language_model"]
     towers = counts.parts["video_tower"] + counts.parts["video_tower.temporal"] + counts.parts["image_tower"]
-    counts.trainable = counts.parts["mm_projector"] + (counts.lora if lora_r is not None else llm)
-    counts.frozen = towers + (llm if lora_r is not None else 0)
+    counts.trainable = counts.parts["mm_projector"] + (counts.lora if with_lora else llm)
+    counts.frozen = towers + (llm if with_lora else 0)
     return counts
 
 
 def format_counts(counts: ParameterCounts, title: str = "") -> str:
     """A table for people: parameters per part, trainable vs frozen."""
     rows = [(_LABELS[p], counts.parts[p]) for p in PARTS]
-    if counts.lora_r is not None:
-        rows.append((f"{_LABELS['lora']} (r={counts.lora_r})", counts.lora))
+    if counts.lora:
+        rank = f" (r={counts.lora_r})" if counts.lora_r is not None else ""
+        rows.append((f"{_LABELS['lora']}{rank}", counts.lora))
     width = max(len(label) for label, _ in rows)
     lines = [title] if title else []
     lines += [f"{label:<{width}}  {n:>15,}" for label, n in rows]

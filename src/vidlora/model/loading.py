@@ -173,10 +173,13 @@ def _grouped(title: str, keys: list[str], parts: list[str] | None = None) -> lis
 
 @dataclass
 class LoadedModel:
-    """A model ready to use, its tokenizer (with media tokens), and how it was loaded."""
+    """A model ready to use, its tokenizer (with media tokens), and how it was loaded.
+
+    `tokenizer` is None only for the ``videollava-7b`` preset (its tokenizer cannot be built offline).
+    """
 
     model: nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
     report: LoadReport
 
 
@@ -433,7 +436,7 @@ def load_pretrained(
             raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {adapter}: no such file")
         sources.append(_Source([adapter], "mm_adapter"))
 
-    tokenizer = _load_tokenizer(root, report)
+    tokenizer = _load_tokenizer(root, report, config.text_config)
     dtype = _resolve_dtype(torch_dtype, raw)
     model = _build_empty(config)
     if meta:
@@ -444,7 +447,7 @@ def load_pretrained(
             raise CheckpointLoadError(f"{root}: checkpoint does not match the model (strict loading)", report)
         _materialise_fresh(model, report, dtype, seed)
     report.temporal_attention = _has_temporal(config)
-    _fit_tokenizer(model, tokenizer, report, seed)
+    _fit_tokenizer(model, tokenizer, report)
     if not meta:
         model.to(device=device)
     model.eval()
@@ -726,9 +729,11 @@ def _has_temporal(config: VideoLlavaConfig) -> bool | None:
     return None if video is None else bool(getattr(video, "add_time_attn", False))
 
 
-def _load_tokenizer(root: Path, report: LoadReport) -> PreTrainedTokenizerBase:
+def _load_tokenizer(root: Path, report: LoadReport, text_config: PreTrainedConfig) -> PreTrainedTokenizerBase:
+    # The LLM's config tells AutoTokenizer the tokenizer family when tokenizer_config.json does not;
+    # without it AutoTokenizer would parse config.json, which it cannot for our or the original's.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(root))
+        tokenizer = AutoTokenizer.from_pretrained(str(root), config=text_config)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"{root}: no usable tokenizer ({type(err).__name__}: {err})") from err
     before = len(tokenizer)
@@ -740,7 +745,7 @@ def _load_tokenizer(root: Path, report: LoadReport) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _fit_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, report: LoadReport, seed: int) -> None:
+def _fit_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, report: LoadReport) -> None:
     """Make the embeddings cover the tokenizer and record the media token ids in the config."""
     from vidlora.model.tokenizer import media_token_ids
 

@@ -24,6 +24,8 @@ def lora_target_module_names(model: nn.Module) -> list[str]:
     """Full paths of the modules that get LoRA: every `nn.Linear` under `language_model` but `lm_head`."""
     names = []
     for name, module in model.named_modules():
+        if ".lora_" in name:
+            raise ValueError(f"the model already has LoRA layers ({name}); pass the base model")
         if not name.startswith(LLM_PREFIX) or not isinstance(module, nn.Linear):
             continue
         if name.rsplit(".", 1)[-1] in _EXCLUDED_LEAVES:
