@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from tokenizers import pre_tokenizers
 
 from vidlora.data.records import Sample, Turn
 from vidlora.data.templates import get_template
@@ -29,7 +30,12 @@ COUNTS = MediaTokenCounts(image=2, video=3)
 
 @pytest.fixture(scope="module")
 def toks():
-    return {"llama": build_tiny_tokenizer(), "byte": build_bytelevel_tokenizer()}
+    legacy = build_tiny_tokenizer()
+    # transformers' LlamaTokenizer with legacy=True: "▁" prepended after every special token too.
+    legacy.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always", split=False
+    )
+    return {"llama": build_tiny_tokenizer(), "byte": build_bytelevel_tokenizer(), "llama_legacy": legacy}
 
 
 # fmt: off
@@ -171,7 +177,7 @@ MEDIA_CONVS = [
 ]
 
 
-@pytest.mark.parametrize("which", ["llama", "byte"])
+@pytest.mark.parametrize("which", ["llama", "byte", "llama_legacy"])
 @pytest.mark.parametrize("name", ["v1", "llava_v1", "v0", "llama_2", "llava_llama_2", "plain"])
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_every_template_equals_whole_prompt_tokenisation(toks, which, name, k):
@@ -398,7 +404,7 @@ def test_modality_length(toks):
 # -- inference prompts -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["llama", "byte"])
+@pytest.mark.parametrize("which", ["llama", "byte", "llama_legacy"])
 @pytest.mark.parametrize("name", ["v1", "llava_v1", "v0", "llama_2", "plain"])
 def test_tokenize_prompt_equals_whole_prompt_and_training_prefix(toks, which, name):
     tok = toks[which]
@@ -421,3 +427,22 @@ def test_tokenize_prompt_v1_exact(toks):
     assert ids2 == SYSTEM_IDS["llama"] + EXPECTED[("llama", "image_2")][0][:-2]
     with pytest.raises(TokenizationError, match="turn 0 has role 'gpt'"):
         tokenize_prompt([Turn("gpt", "x")], tok, "v1", COUNTS)
+
+
+def test_boundary_inside_a_token_keeps_segments_apart(toks):
+    # A contrived template whose answer terminator is empty and whose user role is "d": the
+    # first answer's "...re" and the next round's "d:" would merge into "▁red" in whole-prompt
+    # tokenisation. Construction keeps the boundary: the answer's tokens stay the answer's.
+    from vidlora.data.templates import SeparatorStyle, Template
+
+    tok = toks["llama"]
+    t = Template("contrived", "", ("d", "ASSISTANT"), SeparatorStyle.TWO, " ", "")
+    turns = [Turn("human", "Q"), Turn("gpt", "The circle is re"), Turn("human", "Q"), Turn("gpt", "red")]
+    prompt = "".join(s.text for s in t.segments(turns))
+    assert prompt == " d: Q ASSISTANT: The circle is red: Q ASSISTANT: red"
+    whole = tok(prompt).input_ids
+    assert "▁red" in tok.convert_ids_to_tokens(whole[:10])  # merged across the boundary
+    out = tokenize_sample(turns, tok, t, COUNTS)
+    assert out.input_ids != whole
+    trained = [i for i, lab in zip(out.input_ids, out.labels, strict=True) if lab != X]
+    assert tok.convert_ids_to_tokens(trained) == ["▁The", "▁circle", "▁is", "▁re", "▁red"]

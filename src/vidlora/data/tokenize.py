@@ -16,14 +16,18 @@ punctuation that the pre-tokenizer splits off. Mechanics:
   start, and never trained; suffixes it may add (an ``add_eos_token`` setting) are not used —
   the template's terminator (``</s>``) is the trained end of each answer.
 * Text at the very start of the prompt is encoded as is (Metaspace prepends its "▁" there, as in
-  whole-prompt tokenisation). Any later text piece is encoded *behind the ``<image>`` special
-  token*, whose id is then dropped: the tokenizer treats the piece exactly as it treats text
-  that follows a special token or an earlier piece, i.e. Metaspace (``prepend_scheme="first"``)
-  does not prepend a second "▁" to ``" answer"`` or to ``"USER:"`` after ``</s>``, while a legacy
-  tokenizer that prepends after every special token keeps doing so.
-* Where it differs: if a template put a boundary inside what the tokenizer would make one token
-  (e.g. ``"ASSISTANT: "`` | ``"answer"``), whole-prompt tokenisation could merge across it;
-  here the two sides stay separate tokens. No registered template does this (tested).
+  whole-prompt tokenisation). Text right after a media placeholder is encoded *behind the
+  ``<image>`` special token*, whose id is then dropped, so the tokenizer treats it as text that
+  follows a special token: Metaspace with ``prepend_scheme="first"`` (non-legacy LLaMA) prepends
+  no "▁", with ``"always"`` (legacy LLaMA) it does — as in whole-prompt tokenisation.
+* Text right after other text (the next segment) is encoded together with the piece before it,
+  and its ids are the tail beyond that piece's own ids. This keeps e.g. legacy LLaMA from
+  prepending a "▁" to ``"Human:"`` after ``"###"`` (v0), which it would do behind a special token.
+* Where it differs: if a segment boundary falls inside what the tokenizer makes one token
+  (e.g. ``"ASSISTANT: "`` | ``"answer"``), the tail test fails and the piece is encoded on its
+  own, so the two sides stay separate tokens — the segments, not the merge, decide. No
+  registered template has such a boundary with LLaMA (both prepend schemes) or byte-level BPE
+  tokenizers (tested against whole-prompt tokenisation).
 
 Placeholders ``<image>`` / ``<video>`` become exactly ``counts.image`` / ``counts.video`` copies of
 their token id, always with label ``-100``.
@@ -260,16 +264,21 @@ def _encode_segments(
             )
     ids: list[int] = list(special_prefix(tokenizer))
     labels: list[int] = [IGNORE_INDEX] * len(ids)
+    # The text piece just before the current one (None at the start or after a placeholder),
+    # and whether that piece began the prompt.
+    context: tuple[str, bool] | None = None
     at_start = True
     for text, trained in segments:
         for piece in _split_placeholders(text):
             if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
                 ids.append(media_ids.image if piece == IMAGE_PLACEHOLDER else media_ids.video)
                 labels.append(IGNORE_INDEX)
+                context = None
             else:
-                piece_ids = _encode_piece(tokenizer, piece, at_start, media_ids.image)
+                piece_ids = _encode_piece(tokenizer, piece, at_start, context, media_ids.image)
                 ids.extend(piece_ids)
                 labels.extend(piece_ids if trained else [IGNORE_INDEX] * len(piece_ids))
+                context = (piece, at_start)
             at_start = False
     return ids, labels
 
@@ -302,14 +311,36 @@ def _split_placeholders(text: str) -> list[str]:
     return pieces
 
 
-def _encode_piece(tokenizer: PreTrainedTokenizerBase, text: str, at_start: bool, anchor_id: int) -> list[int]:
-    """Encode one text piece without special tokens, as it would tokenise in its context."""
-    if at_start:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    ids = tokenizer.encode(IMAGE_PLACEHOLDER + text, add_special_tokens=False)
-    if not ids or ids[0] != anchor_id:
-        raise ValueError(f"tokenizer does not keep {IMAGE_PLACEHOLDER} as one special token")
-    return list(ids[1:])
+def _encode_piece(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    at_start: bool,
+    context: tuple[str, bool] | None,
+    anchor_id: int,
+) -> list[int]:
+    """Encode one text piece without special tokens, as it tokenises in its place in the prompt.
+
+    ``context`` is the text piece right before this one (and whether it began the prompt); when
+    present, the piece's ids are the tail of ``encode(context + text)`` beyond ``encode(context)``,
+    provided the boundary is a token boundary there. Otherwise (after a placeholder, or when a
+    token would straddle the boundary) the piece is encoded on its own behind ``<image>``.
+    """
+
+    def encode(s: str, first: bool) -> list[int]:
+        if first:
+            return list(tokenizer.encode(s, add_special_tokens=False))
+        ids = tokenizer.encode(IMAGE_PLACEHOLDER + s, add_special_tokens=False)
+        if not ids or ids[0] != anchor_id:
+            raise ValueError(f"tokenizer does not keep {IMAGE_PLACEHOLDER} as one special token")
+        return list(ids[1:])
+
+    if context is not None:
+        prev, prev_first = context
+        base = encode(prev, prev_first)
+        both = encode(prev + text, prev_first)
+        if both[: len(base)] == base:
+            return both[len(base) :]
+    return encode(text, at_start)
 
 
 def _check_media_counts(sample: Sample, segments: Sequence[Segment], template: Template) -> None:
