@@ -328,6 +328,22 @@ def test_llm_plus_towers_plus_adapter_round_trip(tmp_path, source, towers, adapt
     ]
 
 
+def test_tied_llm_loads_tied(tmp_path, towers) -> None:
+    # transformers writes a tied LLM without lm_head.weight; it is not missing, and the tie holds.
+    model, tokenizer = build_preset("tiny", seed=7, text_config={"tie_word_embeddings": True})
+    llm = write_llm(tmp_path / "tied", model, tokenizer)
+    assert "lm_head.weight" not in load_file(str(llm / "model.safetensors"))
+    video_dir, image_dir = towers
+    adapter = write_adapter(tmp_path / "mm_projector.safetensors", model)
+
+    loaded = load_pretrained(str(llm), video_tower=str(video_dir), image_tower=str(image_dir), pretrain_mm_mlp_adapter=str(adapter))
+
+    assert loaded.report.ok, loaded.report.format()
+    lm = loaded.model.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert torch.equal(lm.lm_head.weight, model.language_model.model.embed_tokens.weight)
+
+
 def test_llm_without_adapter_initialises_the_projector_from_the_seed(tmp_path, source, towers) -> None:
     model, tokenizer = source
     video_dir, image_dir = towers

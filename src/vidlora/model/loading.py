@@ -474,14 +474,21 @@ def _load_preset(name: str, *, device: torch.device, seed: int, dtype: torch.dty
 
 
 def _keys_of(files: list[Path]) -> list[str]:
-    """Tensor names of weight files without reading the tensors (safetensors headers)."""
+    """Tensor names of weight files without reading the tensors (index or safetensors headers).
+
+    Only a single, unindexed legacy ``.bin`` has to be read in full (and small ones are the norm there).
+    """
     keys: list[str] = []
     for path in files:
+        index = path.parent / "pytorch_model.bin.index.json"
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
                 keys += list(handle.keys())
+        elif index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            keys += [key for key, name in weight_map.items() if name == path.name]
         else:
             keys += list(read_tensors(path))
     return keys
@@ -638,11 +645,22 @@ def _iter_source_tensors(source: _Source) -> Iterator[tuple[Path, dict[str, torc
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
-    """Parameter name -> every name sharing that parameter (tied weights count as one)."""
+    """Parameter name -> every name sharing that parameter (tied weights count as one).
+
+    Ties are read from transformers' declaration (`all_tied_weights_keys`, target -> source), since
+    a meta-built model is not tied yet, and from parameter identity for anything tied already.
+    """
+    groups: dict[str, set[str]] = defaultdict(set)
     by_id: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         by_id[id(param)].append(name)
-    return {name: names for names in by_id.values() for name in names}
+    pairs = [(names[0], other) for names in by_id.values() for other in names[1:]]
+    pairs += list((getattr(model, "all_tied_weights_keys", None) or {}).items())
+    for a, b in pairs:
+        merged = groups[a] | groups[b] | {a, b}
+        for name in merged:
+            groups[name] = merged
+    return {name: sorted(names) for name, names in groups.items()}
 
 
 def _assign_weights(
@@ -651,7 +669,7 @@ def _assign_weights(
     """Place every source tensor into the meta-built model (assign), accounting for each one."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     aliases = _tied_aliases(model)
-    filled: set[str] = set()
+    filled_by: dict[str, str] = {}  # our key -> the key whose tensor provided it (itself, or a tied one)
     for source in sources:
         for path, tensors in _iter_source_tensors(source):
             src_report = SourceReport(path=str(path), layout=source.layout, tensors=len(tensors))
@@ -674,15 +692,19 @@ def _assign_weights(
                 if got != expected[ours]:
                     report.mismatched.append((ours, got, expected[ours], str(path)))
                     continue
-                if ours in filled:
+                if ours in filled_by:
+                    if filled_by[ours] != ours:
+                        # A tied copy (some savers write both names); the tie restores it below.
+                        src_report.ignored[key] = f"tied to {filled_by[ours]} (loaded once)"
+                        continue
                     raise CheckpointLoadError(f"{path}: {key} provides {ours}, which another file already provided")
                 part[ours] = tensors[key].to(dtype) if tensors[key].is_floating_point() else tensors[key]
-                filled.update(aliases.get(ours, [ours]))
+                filled_by.update(dict.fromkeys(aliases.get(ours, [ours]), ours))
             model.load_state_dict(part, strict=False, assign=True)
             src_report.loaded = len(part)
     # Mismatched keys are not also reported as missing.
     mismatched = {m[0] for m in report.mismatched}
-    for key in (k for k in expected if k not in filled and k not in mismatched):
+    for key in (k for k in expected if k not in filled_by and k not in mismatched):
         if fresh_ok and key.startswith("mm_projector."):
             report.initialised.append(key)
         else:
@@ -693,10 +715,9 @@ def _assign_weights(
 
 
 def _retie(model: nn.Module) -> None:
-    """Assigning tensors breaks weight ties; restore them where the config asks for ties."""
-    text = getattr(model.config, "text_config", None)
-    if text is not None and getattr(text, "tie_word_embeddings", False):
-        model.get_submodule("language_model").tie_weights()
+    """Assigning tensors (and building on meta) leaves declared ties undone; restore them."""
+    if getattr(model, "all_tied_weights_keys", None):
+        model.tie_weights()
 
 
 def _materialise_fresh(model: nn.Module, report: LoadReport, dtype: torch.dtype, seed: int) -> None:
