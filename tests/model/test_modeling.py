@@ -422,6 +422,11 @@ def test_config_rejects_bad_values():
     wide = LanguageBindVideoConfig(hidden_size=64, num_attention_heads=4)
     with pytest.raises(ValueError, match=r"same hidden size .* got image 32 and video 64"):
         _config(video_config=wide)
+    with pytest.raises(
+        ValueError, match=r"mm_vision_select_layer -5 is out of range .* 3 layers \(4 hidden states\)"
+    ):
+        _config(mm_vision_select_layer=-5)
+    assert _config(mm_vision_select_layer=-4).mm_vision_select_layer == -4
     with pytest.raises(ValueError, match="ignore_index must be -100"):
         _config(ignore_index=-1)
     with pytest.raises(ValueError, match="num_frames must be >= 1, got 0"):

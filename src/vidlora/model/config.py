@@ -101,6 +101,14 @@ class VideoLlavaConfig(PreTrainedConfig):
                 f"image and video towers must have the same hidden size (they share mm_projector), got "
                 f"image {self.image_config.hidden_size} and video {self.video_config.hidden_size}"
             )
+        for tower in towers:
+            # hidden_states has num_hidden_layers + 1 entries (0 = after pre_layrnorm).
+            n_states = tower.num_hidden_layers + 1
+            if not -n_states <= self.mm_vision_select_layer < n_states:
+                raise ValueError(
+                    f"mm_vision_select_layer {self.mm_vision_select_layer} is out of range for a tower with "
+                    f"{tower.num_hidden_layers} layers ({n_states} hidden states)"
+                )
 
     @property
     def mm_hidden_size(self) -> int:
