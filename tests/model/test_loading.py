@@ -83,6 +83,10 @@ def write_original(directory: Path, model, tokenizer, *, video_dir: Path, image_
     state = keymaps.convert_from_ours(model.state_dict(), "original")
     if not embed_towers:
         state = {k: v for k, v in state.items() if "_tower." not in k}
+    # transformers 4.31 (the original's pin) saved LLaMA's rotary buffers too.
+    head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    for i in range(model.config.text_config.num_hidden_layers):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(head_dim // 2)
     _save_sharded(state, directory)
     config = _llama_fields(model) | {
         "model_type": "llava",
@@ -216,12 +220,36 @@ def test_original_layout_round_trip_with_embedded_towers(tmp_path, source, tower
     assert_same_weights(loaded.model, model.state_dict())
     # Towers came from the checkpoint itself; the tower directories gave their configs only.
     assert [Path(s.path).parent for s in loaded.report.sources] == [ckpt, ckpt]
-    assert_every_tensor_used(loaded.report, allowed_ignored=set())
+    assert_every_tensor_used(loaded.report, allowed_ignored={"rotary inv_freq buffer (recomputed)"})
+    assert "ignored (2): 2 x rotary inv_freq buffer (recomputed)" in loaded.report.format()
     assert loaded.report.temporal_attention is True
     assert loaded.model.config.video_config.num_frames == 8
     assert loaded.model.config.video_config.hidden_act == "gelu"
     assert loaded.model.config.mm_projector_type == "mlp2x_gelu"
     assert loaded.model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+
+
+def _logits(model, video: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    cfg = model.config
+    ids = [1, 40, 41] + [cfg.video_token_id] * cfg.video_seq_length + [42] + [cfg.image_token_id] * cfg.image_seq_length + [43]
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([ids]), pixel_values_videos=video, pixel_values_images=image
+        )
+    return out.logits
+
+
+def test_original_layout_loaded_model_computes_what_the_source_computes(tmp_path, source, towers) -> None:
+    # Same weights is not the whole story: buffers (rotary, positions) are rebuilt, not loaded.
+    model, tokenizer = source
+    video_dir, image_dir = towers
+    ckpt = write_original(tmp_path / "ckpt", model, tokenizer, video_dir=video_dir, image_dir=image_dir)
+    loaded = load_pretrained(str(ckpt))
+    gen = torch.Generator().manual_seed(0)
+    video, image = torch.randn(1, 8, 3, 64, 64, generator=gen), torch.randn(1, 3, 64, 64, generator=gen)
+    expected = _logits(model, video, image)
+    assert expected.shape == (1, 3 + 8 * 17 + 1 + 16 + 1, len(tokenizer))
+    assert torch.equal(_logits(loaded.model, video, image), expected)
 
 
 def test_original_layout_with_explicit_towers_replaces_embedded_ones(tmp_path, source, towers) -> None:
@@ -232,7 +260,7 @@ def test_original_layout_with_explicit_towers_replaces_embedded_ones(tmp_path, s
     loaded = load_pretrained(str(ckpt), video_tower=str(video_dir), image_tower=str(image_dir))
 
     assert_same_weights(loaded.model, model.state_dict())
-    assert_every_tensor_used(loaded.report, allowed_ignored=CLIP_TEXT_SIDE | {"replaced by the tower checkpoint"})
+    assert_every_tensor_used(loaded.report, allowed_ignored=CLIP_TEXT_SIDE | {"replaced by the tower checkpoint", "rotary inv_freq buffer (recomputed)"})
     replaced = [k for k, r in loaded.report.ignored.items() if r == "replaced by the tower checkpoint"]
     n_tower = sum(1 for k in model.state_dict() if k.startswith(("image_tower.", "video_tower.")))
     assert len(replaced) == n_tower
@@ -246,8 +274,8 @@ def test_original_layout_without_embedded_towers_reads_tower_weights(tmp_path, s
     loaded = load_pretrained(str(ckpt))
 
     assert_same_weights(loaded.model, model.state_dict())
-    assert_every_tensor_used(loaded.report, allowed_ignored=CLIP_TEXT_SIDE)
-    text_side = [k for src in loaded.report.sources for k, r in src.ignored.items() if r != "position_ids buffer (recomputed)"]
+    assert_every_tensor_used(loaded.report, allowed_ignored=CLIP_TEXT_SIDE | {"rotary inv_freq buffer (recomputed)"})
+    text_side = [k for src in loaded.report.sources for k, r in src.ignored.items() if "buffer" not in r]
     assert len(text_side) == 2 * 4  # per tower: token embedding, two projections, logit scale
 
 
@@ -442,6 +470,22 @@ def test_meta_device_reads_structure_only(tmp_path, source, towers) -> None:
     assert all(p.is_meta for p in loaded.model.parameters())
     assert loaded.report.sources == []
     assert sum(p.numel() for p in loaded.model.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_info_on_a_checkpoint_directory_reads_no_weights(tmp_path, source, towers, capsys) -> None:
+    from vidlora.model import info
+
+    model, tokenizer = source
+    video_dir, image_dir = towers
+    ckpt = write_original(tmp_path / "ckpt", model, tokenizer, video_dir=video_dir, image_dir=image_dir)
+    for shard in ckpt.glob("*.safetensors"):
+        shard.unlink()
+
+    assert info.main(["--model_name_or_path", str(ckpt), "--lora_enable", "True", "--lora_r", "8", "--json"]) == 0
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["parts"] == info.count_parameters(model).parts
+    assert result["lora"] == 34_816
 
 
 # ---------------------------------------------------------------------------------------------
