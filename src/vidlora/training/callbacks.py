@@ -1,0 +1,295 @@
+"""Trainer callbacks: stop on a non-finite loss or gradient, count trained tokens, draw the loss curve.
+
+How the Trainer (transformers 5) lets callbacks see a step, and what that means here:
+
+* Callbacks never receive the per-micro-batch loss, and with ``logging_nan_inf_filter=True`` (the
+  default) the Trainer drops a NaN/inf loss from its running sum, so the logged "loss" stays
+  finite while the weights are already broken. The Trainer subclass therefore hands each
+  micro-batch to :func:`observe_micro_batch` (from ``training_step``); callbacks that implement
+  ``observe_micro_batch(state, inputs, loss)`` see the raw loss and the labels.
+* ``on_pre_optimizer_step`` runs after backward (and clipping) and before ``optimizer.step()``:
+  there the gradients that live on the parameters are checked (plain PyTorch / DDP; under
+  DeepSpeed ZeRO the gradients live inside the engine, and its global gradient norm reaches us
+  through the logs instead).
+* ``on_log`` runs inside ``_maybe_log_save_evaluate`` *before* the save of the same step, so a
+  callback can still cancel that save; "grad_norm" is logged unfiltered.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from vidlora.training.plots import plot_loss_curve
+
+logger = logging.getLogger("vidlora.training")
+
+IGNORE_INDEX = -100
+LOSS_PLOT_NAME = "loss.png"
+
+
+def observe_micro_batch(
+    callbacks: Iterable[TrainerCallback], state: TrainerState, inputs: Mapping[str, Any], loss: torch.Tensor
+) -> None:
+    """Hand one micro-batch (its inputs and the loss ``training_step`` returned) to the callbacks
+    that want it. Call from ``Trainer.training_step`` on every rank, after ``super().training_step``."""
+    for callback in callbacks:
+        observe = getattr(callback, "observe_micro_batch", None)
+        if observe is not None:
+            observe(state, inputs, loss)
+
+
+def _all_reduce(value: torch.Tensor, op: str) -> torch.Tensor:
+    """Reduce across ranks when a process group is up (every rank must call this at the same point)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return value
+
+
+# -- non-finite loss / gradient ---------------------------------------------------------------------
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training met a NaN/inf loss or gradient and was stopped before saving the broken state."""
+
+
+@dataclass(frozen=True)
+class NonFiniteEvent:
+    """Where training broke: the optimizer step (as in ``checkpoint-<step>``), what, and the value."""
+
+    step: int
+    what: str
+    value: float
+
+    def message(self, last_checkpoint_step: int | None) -> str:
+        latest = (
+            f"the latest checkpoint, checkpoint-{last_checkpoint_step}, is from before the failure"
+            if last_checkpoint_step is not None
+            else "no checkpoint had been written before it"
+        )
+        return (
+            f"training stopped at step {self.step}: {self.what} is {self.value}. No checkpoint was written at "
+            f"or after step {self.step}; {latest}. Try a lower --learning_rate, a longer warmup, bf16 instead "
+            "of fp16, or check the data with `vidlora check`."
+        )
+
+
+class NonFiniteStop(TrainerCallback):
+    """Stop training at the first NaN/inf loss or gradient norm, without checkpointing the broken state.
+
+    Detection, earliest first: the raw micro-batch loss (via :func:`observe_micro_batch`, so the
+    Trainer's ``logging_nan_inf_filter`` cannot hide it), the gradients on the parameters before
+    the optimizer step, and the logged "loss"/"grad_norm". On a hit it sets
+    ``should_training_stop`` and clears ``should_save``/``should_evaluate`` in every later event
+    of the run, so the newest checkpoint stays the last good one. The Trainer returns normally;
+    the caller then calls :meth:`raise_if_failed` (before saving the final model) to turn the
+    event into a :class:`NonFiniteTrainingError` naming the step.
+
+    With several processes the local verdict is OR-ed across ranks once per optimizer step (one
+    scalar all-reduce), so every rank stops at the same step instead of one rank leaving the others
+    waiting in a collective.
+    """
+
+    def __init__(self, check_gradients: bool = True) -> None:
+        self.check_gradients = check_gradients
+        self.event: NonFiniteEvent | None = None
+        self.last_checkpoint_step: int | None = None
+        self._pending: NonFiniteEvent | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True once a non-finite value was seen."""
+        return self.event is not None
+
+    def failure_message(self) -> str | None:
+        """The message for the caller, or None when training went fine."""
+        return None if self.event is None else self.event.message(self.last_checkpoint_step)
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`NonFiniteTrainingError` if training was stopped by a non-finite value."""
+        message = self.failure_message()
+        if message is not None:
+            raise NonFiniteTrainingError(message)
+
+    # -- detection ----------------------------------------------------------------------------
+    def observe_micro_batch(self, state: TrainerState, inputs: Mapping[str, Any], loss: torch.Tensor) -> None:
+        """Record a non-finite micro-batch loss for the optimizer step under way."""
+        if self._pending is not None or self.event is not None:
+            return
+        value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not math.isfinite(value):
+            self._pending = NonFiniteEvent(state.global_step + 1, "the training loss", value)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        step = state.global_step + 1
+        if self._pending is None and self.check_gradients and kwargs.get("model") is not None:
+            norm = _local_grad_norm(kwargs["model"])
+            if norm is not None and not math.isfinite(norm):
+                self._pending = NonFiniteEvent(step, "the gradient norm", norm)
+        flag = torch.tensor([0.0 if self._pending is None else 1.0], device=args.device)
+        if _all_reduce(flag, "max").item() > 0 and self.event is None:
+            # Another rank saw it: stop here too, and name the step all ranks agree on.
+            self.event = self._pending or NonFiniteEvent(step, "the loss or gradient on another process", math.nan)
+            logger.error(self.event.message(self.last_checkpoint_step))
+        self._pending = None
+        self._enforce(control)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Logs are reduced over ranks already, so every rank reaches the same verdict.
+        if self.event is None:
+            for key, what in (("loss", "the logged training loss"), ("grad_norm", "the gradient norm")):
+                value = (logs or {}).get(key)
+                if value is not None and not math.isfinite(float(value)):
+                    self.event = NonFiniteEvent(state.global_step, what, float(value))
+                    logger.error(self.event.message(self.last_checkpoint_step))
+                    break
+        self._enforce(control)
+
+    # -- keep the broken state off disk ---------------------------------------------------------
+    def _enforce(self, control: TrainerControl) -> None:
+        if self.event is not None:
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._enforce(control)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._enforce(control)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._enforce(control)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.last_checkpoint_step = state.global_step
+
+
+def _local_grad_norm(model: torch.nn.Module) -> float | None:
+    """Total 2-norm of the gradients held on the parameters (None when no parameter holds one,
+    e.g. under DeepSpeed ZeRO, whose gradients live inside the engine)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    # NaN/inf in any gradient makes the total norm NaN/inf; one device sync per optimizer step.
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0).item())
+
+
+# -- trained-token counting ---------------------------------------------------------------------------
+
+
+def count_trained_tokens(labels: torch.Tensor) -> int:
+    """Label positions a causal-LM loss trains on: ``labels[..., 1:] != -100``.
+
+    The model predicts token t+1 from position t, so the first label of each row is never a
+    target; counting from the second one gives exactly the number of loss terms (the Trainer's
+    ``num_items_in_batch`` counts all positions instead and differs when a row's first label is
+    not -100).
+    """
+    if labels.dim() < 1 or labels.shape[-1] == 0:
+        return 0
+    return int((labels[..., 1:] != IGNORE_INDEX).sum().item())
+
+
+class TokenCountLogger(TrainerCallback):
+    """Count trained tokens per optimizer step, log them, and warn about batches that train nothing.
+
+    Micro-batches arrive through :func:`observe_micro_batch`. At each optimizer step the count is
+    added to ``step_tokens``; a micro-batch with no trained token is reported with a warning naming
+    the step (with per-token-mean losses such a batch gives 0/0 = NaN unless the model guards the
+    division). At each log the tokens trained since the previous log (summed over ranks) are added
+    as "trained_tokens" to the log entry and ``state.log_history``.
+    """
+
+    def __init__(self) -> None:
+        self.step_tokens: dict[int, int] = {}
+        self.empty_micro_batches: list[tuple[int, int]] = []
+        self._current = 0
+        self._micro_index = 0
+        self._since_log = 0
+
+    def observe_micro_batch(self, state: TrainerState, inputs: Mapping[str, Any], loss: torch.Tensor) -> None:
+        """Add one micro-batch's trained tokens to the optimizer step under way."""
+        labels = inputs.get("labels")
+        if labels is None:
+            return
+        count = count_trained_tokens(labels)
+        step = state.global_step + 1
+        if count == 0:
+            self.empty_micro_batches.append((step, self._micro_index))
+            logger.warning(
+                "step %d, micro-batch %d: no trained tokens (every label is -100); it adds nothing to training",
+                step,
+                self._micro_index,
+            )
+        self._current += count
+        self._micro_index += 1
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._micro_index == 0:
+            return  # nothing observed: the Trainer does not call observe_micro_batch
+        self.step_tokens[state.global_step] = self._current
+        if self._current == 0:
+            logger.warning("step %d: no trained tokens in the whole optimizer step on this process", state.global_step)
+        self._since_log += self._current
+        self._current = 0
+        self._micro_index = 0
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs is None or "loss" not in logs or not self.step_tokens:
+            return  # eval/final summaries: no training window to report
+        total = _all_reduce(torch.tensor([float(self._since_log)], device=args.device), "sum")
+        self._since_log = 0
+        logs["trained_tokens"] = int(total.item())
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["trained_tokens"] = logs["trained_tokens"]
+
+
+# -- loss curve -----------------------------------------------------------------------------------
+
+
+class LossCurveWriter(TrainerCallback):
+    """Write ``loss.png`` (train and eval loss against the step) into the output directory at every
+    checkpoint save and at the end of training, from ``state.log_history`` (main process only)."""
+
+    def __init__(self, filename: str = LOSS_PLOT_NAME) -> None:
+        self.filename = filename
+        self.written: Path | None = None
+
+    def _write(self, args: TrainingArguments, state: TrainerState) -> None:
+        if not state.is_world_process_zero:
+            return
+        path = plot_loss_curve(state.log_history, Path(args.output_dir) / self.filename)
+        if path is not None:
+            self.written = path
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._write(args, state)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._write(args, state)
