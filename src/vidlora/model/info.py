@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", default="tiny", help="preset (tiny, videollava-7b), directory or hub id")
     parser.add_argument("--video_tower", default=None, help="LanguageBind video tower (for a plain LLM)")
     parser.add_argument("--image_tower", default=None, help="LanguageBind image tower (for a plain LLM)")
-    parser.add_argument("--lora_enable", type=_bool, default=_training_default("lora_enable"), help="True/False")
-    parser.add_argument("--lora_r", type=int, default=_training_default("lora_r"), help="LoRA rank")
-    parser.add_argument("--lora_alpha", type=int, default=_training_default("lora_alpha"), help="LoRA alpha")
+    # None = "not given": the training defaults are looked up only then (importing the training
+    # arguments pulls in the Trainer stack, seconds that `info` should not pay when flags are given).
+    parser.add_argument("--lora_enable", type=_bool, default=None, help="True/False (default: vidlora train's)")
+    parser.add_argument("--lora_r", type=int, default=None, help="LoRA rank (default: vidlora train's)")
+    parser.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: vidlora train's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     from vidlora.model.loading import load_pretrained
 
     args = build_parser().parse_args(argv)
+    for name in ("lora_enable", "lora_r", "lora_alpha"):
+        if getattr(args, name) is None:
+            setattr(args, name, _training_default(name))
     if args.lora_enable and args.lora_r < 1:
         print(f"vidlora info: --lora_r {args.lora_r}: must be at least 1", file=sys.stderr)
         return 2

@@ -11,9 +11,12 @@ target is a regex that PEFT matches against the *whole* path and that is anchore
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+
+if TYPE_CHECKING:  # peft (and bitsandbytes under it) takes seconds to import; `vidlora info` never needs it
+    from peft import LoraConfig, PeftModel
 
 LLM_PREFIX = "language_model."
 # The output head stays a plain linear layer in the original (and in PEFT's own defaults).
@@ -70,6 +73,8 @@ def build_lora_config(
     `target_modules` defaults to the regex for LLaMA-style LLMs (the seven projections of every
     decoder layer); pass `lora_target_modules(model)` for another architecture.
     """
+    from peft import LoraConfig
+
     if r <= 0:
         raise ValueError(f"lora_r must be positive, got {r}")
     if target_modules is None:
@@ -93,6 +98,8 @@ def apply_recipe(model: nn.Module, lora_config: LoraConfig | None) -> nn.Module:
     (the result is then a `PeftModel`), otherwise fully trainable (the original's non-LoRA run).
     Returns the model to train (the input itself when there is no LoRA).
     """
+    from peft import get_peft_model
+
     for part in ("image_tower", "video_tower"):
         tower = getattr(model, part, None)
         if tower is not None:
