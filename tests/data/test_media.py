@@ -116,6 +116,41 @@ def test_odd_sizes(tmp_path: Path, ext: str, codec: str, pix_fmt: str, height: i
     assert [decode_index(f) for f in frames] == [0, 3, 7, 11]
 
 
+def sequential_frames(path: Path) -> list[np.ndarray]:
+    """Every frame decoded in order, no seeking: the ground truth for pixel equality."""
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+@pytest.mark.parametrize(("num_frames", "t"), [(60, 8), (60, 40), (23, 23)])
+def test_seeking_gives_the_same_pixels_as_sequential_decoding(
+    tmp_path: Path, num_frames: int, t: int
+) -> None:
+    # Short GOPs (keyframe every 7 frames) with B-frames, so read_video seeks, reuses a running
+    # decoder between close targets, and skips non-reference frames on the way; none of that may
+    # change a pixel.
+    rng = np.random.default_rng(3)
+    frames = []
+    for i in range(num_frames):
+        frame = index_frame(i, 48, 64)
+        frame[20:28] = rng.integers(0, 256, (8, 64, 3), dtype=np.uint8)  # texture between the bit rows
+        frames.append(frame)
+    clip = tmp_path / "gop.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"g": "7", "bf": "3"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    truth = sequential_frames(clip)
+    got, indices = read_video(clip, t)
+    assert indices.tolist() == expected_indices(num_frames, t)
+    for frame, index in zip(got, indices, strict=True):
+        assert np.array_equal(frame, truth[index]), f"frame {index} differs from sequential decoding"
+
+
 def test_variable_frame_rate_uses_packet_timestamps(tmp_path: Path) -> None:
     # 10 frames spread over 1 s, then 30 frames packed into 0.3 s: fps × index would pick
     # frames far too late in the dense part.

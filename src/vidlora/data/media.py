@@ -171,10 +171,22 @@ def _to_rgb(frame: av.VideoFrame, path: str) -> np.ndarray:
 
 
 def _decoded_frames(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, deadline: _Deadline
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    deadline: _Deadline,
+    needed: set[int] | None = None,
 ) -> Iterator[av.VideoFrame]:
+    """Decode forward from the current position.
+
+    With ``needed`` (pts still wanted), packets of other frames are decoded with
+    ``skip_frame=NONREF``: a frame no other frame references cannot change any frame we
+    want, so the run-up from a keyframe to a target skips them (the decoder drops them).
+    """
+    context = stream.codec_context
     for packet in container.demux(stream):
         deadline.check()
+        if needed is not None:
+            context.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in needed else "NONREF"
         for frame in packet.decode():
             deadline.check()
             yield frame
@@ -190,6 +202,7 @@ def _decode_targets(
 ) -> dict[int, np.ndarray]:
     """Decode the frames whose pts are in ``targets`` (sorted, unique); returns pts → RGB array."""
     wanted = set(targets)
+    needed = set(targets)  # shrinks as frames are found; read by _decoded_frames
     found: dict[int, np.ndarray] = {}
     frames: Iterator[av.VideoFrame] | None = None
     last_pts: int | None = None
@@ -208,7 +221,7 @@ def _decode_targets(
             if not reuse:
                 seek_to = table.keyframe_pts[key_index] if key_index >= 0 else table.pts[0]
                 container.seek(seek_to, stream=stream, backward=True, any_frame=False)
-                frames = _decoded_frames(container, stream, deadline)
+                frames = _decoded_frames(container, stream, deadline, needed)
             reuse = False
             assert frames is not None
             overshot = False
@@ -219,6 +232,7 @@ def _decode_targets(
                 last_pts = stamp
                 if stamp in wanted and stamp not in found:
                     found[stamp] = _to_rgb(frame, path)
+                    needed.discard(stamp)
                 if stamp >= target:
                     overshot = stamp > target and target not in found
                     break

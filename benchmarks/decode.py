@@ -1,0 +1,217 @@
+"""Decode benchmark: seek-based ``read_video`` (8 sampled frames) vs decoding every frame.
+
+Usage: ``python benchmarks/decode.py [--out DIR] [--repeats N] [--results PATH] [--no-write]``
+
+Generates deterministic h264 clips with PyAV (25 fps, libx264 preset veryfast, B-frames on):
+60 s 1280×720 with libx264's default keyframe interval (250 frames = 10 s) and with a 2 s
+interval (50 frames, typical of phones and streaming sites), and 10 s 398×224 (the size
+Video-LLaVA's short-side resize works at). Then times, per clip:
+
+* ``read_video``  – vidlora's reader: demux-only frame table + seek/decode of the 8 sampled frames;
+* ``frame table`` – the demux-only pass alone (its share of ``read_video``);
+* ``decode all``  – decode every frame in order and keep the 8 sampled ones (what a naive reader
+  does; the cost of any reader that cannot seek).
+
+Both readers are checked to return the same frames (the clips carry their frame index in the
+pixels). The table is printed and written to the decode section of ``benchmarks/RESULTS.md``
+(between ``<!-- decode:begin -->`` and ``<!-- decode:end -->``; the rest of the file is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from vidlora.data.media import read_video, sample_indices
+
+BEGIN, END = "<!-- decode:begin -->", "<!-- decode:end -->"
+FPS = 25
+NUM_FRAMES = 8
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    seconds: int
+    width: int
+    height: int
+    gop: int | None  # keyframe interval in frames; None = libx264's default (250, plus scene cuts)
+
+
+CLIPS = (
+    Clip("60s_720p_gop250", 60, 1280, 720, None),
+    Clip("60s_720p_gop50", 60, 1280, 720, 50),
+    Clip("10s_224p_gop250", 10, 398, 224, None),
+)
+
+
+def make_yuv(index: int, height: int, width: int) -> np.ndarray:
+    """Deterministic moving content as a yuv420p frame ([H·3/2, W]), frame index in 2×8 luma blocks at the top.
+
+    Written in YUV directly so generating a 60 s 720p clip is not dominated by colour conversion.
+    """
+    yy, xx = np.ogrid[0:height, 0:width]
+    luma = ((xx + 3 * index) % 256 // 2 + ((xx // 16 + yy // 16 + index // 5) % 2) * 100).astype(np.uint8)
+    block_h, block_w = height // 8, width // 8
+    for bit in range(16):
+        row, col = divmod(bit, 8)
+        value = 255 if (index >> bit) & 1 else 0
+        luma[row * block_h : (row + 1) * block_h, col * block_w : (col + 1) * block_w] = value
+    cy, cx = np.ogrid[0 : height // 2, 0 : width // 2]
+    u = ((cy + 2 * index) % 128 + 64).astype(np.uint8) * np.ones((1, width // 2), np.uint8)
+    v = ((cx + index) % 128 + 64).astype(np.uint8) * np.ones((height // 2, 1), np.uint8)
+    # Neutral chroma under the index blocks keeps them pure black/white in RGB.
+    u[:block_h, :] = 128
+    v[:block_h, :] = 128
+    return np.concatenate([luma, u.reshape(height // 4, width), v.reshape(height // 4, width)])
+
+
+def read_index(frame: np.ndarray) -> int:
+    height, width = frame.shape[:2]
+    block_h, block_w = height // 8, width // 8
+    value = 0
+    for bit in range(16):
+        row, col = divmod(bit, 8)
+        block = frame[
+            row * block_h + block_h // 4 : (row + 1) * block_h - block_h // 4,
+            col * block_w + block_w // 4 : (col + 1) * block_w - block_w // 4,
+        ]
+        value |= int(block.mean() > 127) << bit
+    return value
+
+
+def encode_clip(clip: Clip, path: Path) -> None:
+    # preset veryfast keeps B-frames (3, pyramid) like typical files and encodes ~2× faster than medium.
+    options = {"preset": "veryfast"} | ({"g": str(clip.gop)} if clip.gop else {})
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS, options=options)
+        stream.width, stream.height, stream.pix_fmt = clip.width, clip.height, "yuv420p"
+        for index in range(clip.seconds * FPS):
+            frame = av.VideoFrame.from_ndarray(make_yuv(index, clip.height, clip.width), format="yuv420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def frame_table_only(path: Path) -> int:
+    """The demux-only pass read_video starts with (packets read, nothing decoded)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def decode_all(path: Path, num_frames: int) -> tuple[np.ndarray, int]:
+    """Decode every frame in order, keeping (and converting to RGB) only the sampled ones.
+
+    The count comes from the container's metadata (correct for these clips), so this is the
+    cheapest possible sequential reader: no frame is held longer than needed.
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        total = stream.frames
+        wanted = set(sample_indices(total, num_frames).tolist())
+        kept = {}
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                kept[i] = frame.to_ndarray(format="rgb24")
+        return np.stack([kept[i] for i in sample_indices(total, num_frames)]), total
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def run(out_dir: Path, repeats: int) -> list[dict[str, object]]:
+    rows = []
+    for clip in CLIPS:
+        path = out_dir / f"{clip.name}.mp4"
+        if not path.exists():
+            start = time.perf_counter()
+            encode_clip(clip, path)
+            print(f"encoded {path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        seek_s, (frames, indices) = timed(lambda p=path: read_video(p, NUM_FRAMES), repeats)
+        table_s, _ = timed(lambda p=path: frame_table_only(p), repeats)
+        all_s, (all_frames, total) = timed(lambda p=path: decode_all(p, NUM_FRAMES), repeats)
+        got = [read_index(f) for f in frames]
+        if got != indices.tolist() or [read_index(f) for f in all_frames] != got:
+            raise RuntimeError(f"{path}: wrong frames: read_video {got}, expected {indices.tolist()}")
+        rows.append(
+            {
+                "clip": f"{clip.name} ({clip.width}x{clip.height}, {total} frames, "
+                f"{path.stat().st_size / 1e6:.1f} MB)",
+                "seek_s": seek_s,
+                "table_s": table_s,
+                "all_s": all_s,
+                "total": total,
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict[str, object]], repeats: int) -> str:
+    lines = [
+        f"PyAV {av.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
+        f"{platform.machine()} with {os.cpu_count()} CPU cores (shared with other jobs: expect ±50% between "
+        f"runs, compare rows of one run); median of {repeats} runs; {NUM_FRAMES} frames sampled with "
+        "`np.linspace(0, n-1, 8, dtype=int)`; both readers verified to return the same frames.",
+        "",
+        "| clip | read_video s / 8-frame sample | read_video frames/s | of which frame table (demux only) s "
+        "| decode-all s / sample | decode-all frames/s decoded | decode-all / read_video |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        seek_s, table_s, all_s, total = row["seek_s"], row["table_s"], row["all_s"], row["total"]
+        lines.append(
+            f"| {row['clip']} | {seek_s:.3f} | {NUM_FRAMES / seek_s:.1f} | {table_s:.3f} | {all_s:.2f} "
+            f"| {total / all_s:.0f} | {all_s / seek_s:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(results: Path, body: str) -> None:
+    section = f"{BEGIN}\n## Decode (`python benchmarks/decode.py`)\n\n{body}\n{END}"
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    results.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="keep the generated clips here (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median reported)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.out or Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        body = table(run(out_dir, args.repeats), args.repeats)
+    print(body)
+    if not args.no_write:
+        write_section(args.results, body)
+        print(f"wrote the decode section of {args.results}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
