@@ -580,3 +580,8 @@ def test_presets() -> None:
     assert next(big.model.parameters()).is_meta
     with pytest.raises(ValueError, match="shape-only"):
         load_pretrained("videollava-7b")
+    tiny = load_pretrained("tiny", seed=3, torch_dtype="bfloat16")
+    assert tiny.report.layout == "preset" and "randomly initialised (seed 3)" in tiny.report.format()
+    reference, _ = build_preset("tiny", seed=3)
+    key = "video_tower.encoder.layers.0.temporal_attn.q_proj.weight"
+    assert torch.equal(tiny.model.state_dict()[key], reference.state_dict()[key].to(torch.bfloat16))

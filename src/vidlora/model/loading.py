@@ -388,7 +388,8 @@ def load_pretrained(
             checkpoint config's); default float32.
         device: where the model ends up; ``meta`` builds the structure only (no weights are read).
         cache_dir: hub cache directory.
-        seed: seed for weights initialised fresh (projector without adapter, new token rows).
+        seed: seed for weights initialised fresh (projector without adapter; missing weights of a
+            non-strict load) and for presets. Rows added for new tokens are the mean of the old rows.
 
     Returns:
         `LoadedModel(model, tokenizer, report)`; the model is in eval mode.
@@ -462,13 +463,13 @@ def _load_preset(name: str, *, device: torch.device, seed: int, dtype: torch.dty
             "the 'videollava-7b' preset is a shape-only model (random 7B weights are of no use): "
             "load it with device='meta', or load a real checkpoint (e.g. LanguageBind/Video-LLaVA-7B)"
         )
-    model, tokenizer = presets.build_preset(name, seed=seed, device=device.type)
+    model, tokenizer = presets.build_preset(name, seed=seed, device="meta" if device.type == "meta" else "cpu")
     report = LoadReport(layout="preset", source=name)
     report.notes.append(f"preset {name!r}: randomly initialised (seed {seed}), no checkpoint read")
     report.temporal_attention = _has_temporal(model.config)
     resolved = _resolve_dtype(dtype, {})
     if device.type != "meta":
-        model.to(dtype=resolved)
+        model.to(device=device, dtype=resolved)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, report=report)
 
@@ -542,6 +543,9 @@ def _config_from_original(
     select_feature = raw.get("mm_vision_select_feature", "patch")
     if select_feature != "patch":
         raise ValueError(f"{root}: mm_vision_select_feature {select_feature!r} is unsupported (only 'patch')")
+    for flag in ("mm_use_im_start_end", "mm_use_x_start_end"):
+        if raw.get(flag):
+            raise ValueError(f"{root}: {flag}=true (start/end tokens around media) is unsupported")
     towers: dict[str, CLIPVisionConfig | None] = {}
     sources: list[_Source] = []
     for part, explicit, config_key, flag in (
