@@ -124,6 +124,23 @@ def test_recipe_without_lora_trains_llm_and_projector() -> None:
     assert trainable == counts.trainable == counts.parts["language_model"] + counts.parts["mm_projector"]
 
 
+def test_recipe_with_frozen_llm_trains_the_projector_only() -> None:
+    model, _ = build_preset("tiny", seed=0)
+    apply_recipe(model, None, train_llm=False)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"mm_projector"}
+    assert info.count_parameters(model, from_flags=True).trainable == 24_832
+
+
+def test_counts_from_flags_follow_what_was_frozen_after_the_recipe() -> None:
+    model, _ = build_preset("tiny", seed=0)
+    peft_model = apply_recipe(model, build_lora_config(8, 16))
+    model.mm_projector.requires_grad_(False)  # --freeze_mm_mlp_adapter
+    by_flags = info.count_parameters(peft_model, from_flags=True)
+    assert by_flags.trainable == 34_816
+    assert by_flags.frozen == by_flags.total - 34_816
+    assert info.count_parameters(peft_model).trainable == 34_816 + 24_832  # the recipe's view
+
+
 def test_peft_works_on_the_meta_device() -> None:
     # `vidlora info` counts analytically; this checks that the real PEFT path agrees on meta too.
     model, _ = build_preset("tiny", seed=0, device="meta")

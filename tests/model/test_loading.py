@@ -389,6 +389,19 @@ def test_llm_without_adapter_initialises_the_projector_from_the_seed(tmp_path, s
     assert w0.abs().max().item() < 1 / 8 and w0.std().item() > 0.02
 
 
+def test_projector_type_for_a_plain_llm_and_conflicts(tmp_path, source, towers) -> None:
+    model, tokenizer = source
+    video_dir, image_dir = towers
+    llm = write_llm(tmp_path / "vicuna", model, tokenizer)
+    loaded = load_pretrained(str(llm), video_tower=str(video_dir), image_tower=str(image_dir), mm_projector_type="linear")
+    assert isinstance(loaded.model.mm_projector, torch.nn.Linear)
+    assert loaded.report.initialised == ["mm_projector.weight", "mm_projector.bias"]
+
+    ckpt = write_original(tmp_path / "ckpt", model, tokenizer, video_dir=video_dir, image_dir=image_dir)
+    with pytest.raises(ValueError, match=r"--mm_projector_type linear: .* holds a 'mlp2x_gelu' projector"):
+        load_pretrained(str(ckpt), mm_projector_type="linear")
+
+
 def test_llm_needs_towers(tmp_path, source) -> None:
     model, tokenizer = source
     llm = write_llm(tmp_path / "vicuna", model, tokenizer)

@@ -68,17 +68,21 @@ def lora_parameter_count(model: nn.Module, r: int) -> int:
     return total
 
 
-def count_parameters(model: nn.Module, lora_r: int | None = None) -> ParameterCounts:
+def count_parameters(model: nn.Module, lora_r: int | None = None, *, from_flags: bool = False) -> ParameterCounts:
     """Count `model`'s parameters per part and split them as the recipe trains them.
 
     The recipe (`lora.apply_recipe`): towers frozen, projector trained, LLM under LoRA of rank
     `lora_r` (frozen base), or trained in full when `lora_r` is None. Works on meta-device models.
     A model that already carries PEFT LoRA layers (a `PeftModel` or its injected base) is counted as
     it is: its LoRA parameters are the ``lora`` part and `lora_r` is not needed.
+    With `from_flags`, trainable/frozen are read from the parameters' ``requires_grad`` instead of the
+    recipe (for a model already prepared for training, e.g. with ``--freeze_mm_mlp_adapter``).
     """
     counts = ParameterCounts(parts=dict.fromkeys(PARTS, 0), lora_r=lora_r)
     injected = 0
+    flagged = 0
     for name, param in model.named_parameters():  # named_parameters drops tied duplicates
+        flagged += param.numel() if param.requires_grad else 0
         name = name.removeprefix("base_model.model.")
         if ".lora_" in name:
             injected += param.numel()
@@ -96,6 +100,9 @@ def count_parameters(model: nn.Module, lora_r: int | None = None) -> ParameterCo
     towers = counts.parts["video_tower"] + counts.parts["video_tower.temporal"] + counts.parts["image_tower"]
     counts.trainable = counts.parts["mm_projector"] + (counts.lora if with_lora else llm)
     counts.frozen = towers + (llm if with_lora else 0)
+    if from_flags:
+        counts.trainable = flagged
+        counts.frozen = counts.base_total + injected - flagged
     return counts
 
 

@@ -367,6 +367,7 @@ def load_pretrained(
     video_tower: str | None = None,
     image_tower: str | None = None,
     pretrain_mm_mlp_adapter: str | None = None,
+    mm_projector_type: str | None = None,
     strict: bool = True,
     torch_dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
@@ -383,6 +384,8 @@ def load_pretrained(
             tower weights (the report lists the replaced ones as ignored).
         pretrain_mm_mlp_adapter: projector weights for a plain LLM (safetensors; legacy ``.bin`` read
             with ``weights_only=True``). Without it the projector is initialised fresh (reported).
+        mm_projector_type: the projector to build for a plain LLM (default ``mlp2x_gelu``). Other
+            layouts hold a projector already; naming a different type there is an error.
         strict: raise `CheckpointLoadError` on missing, shape-mismatched or unexpected weights.
         torch_dtype: dtype of the loaded weights (a torch dtype, its name, or ``auto`` for the
             checkpoint config's); default float32.
@@ -426,6 +429,12 @@ def load_pretrained(
         config, tower_sources = _config_from_llm(raw, video_tower, image_tower, cache_dir, meta, report)
         sources.append(_Source(main_files, "llm"))
         sources += tower_sources
+    if mm_projector_type is not None and mm_projector_type != config.mm_projector_type:
+        if layout != "llm":
+            raise ValueError(
+                f"--mm_projector_type {mm_projector_type}: {root} holds a {config.mm_projector_type!r} projector"
+            )
+        config.mm_projector_type = mm_projector_type
     if pretrain_mm_mlp_adapter is not None:
         if layout != "llm":
             raise ValueError(
@@ -615,6 +624,7 @@ def _config_from_llm(
         text_config=_text_config(raw),
         image_config=towers["image_tower"],
         video_config=towers["video_tower"],
+        mm_projector_type="mlp2x_gelu",  # Video-LLaVA's; load_pretrained(mm_projector_type=...) overrides
     )
     return config, sources
 

@@ -91,15 +91,15 @@ def build_lora_config(
     )
 
 
-def apply_recipe(model: nn.Module, lora_config: LoraConfig | None) -> nn.Module:
+def apply_recipe(model: nn.Module, lora_config: LoraConfig | None, *, train_llm: bool = True) -> nn.Module:
     """Declare what trains, in one place.
 
     Towers: frozen. Projector: fully trainable. LLM: LoRA adapters only when `lora_config` is given
-    (the result is then a `PeftModel`), otherwise fully trainable (the original's non-LoRA run).
+    (the result is then a `PeftModel`; its base weights are frozen), otherwise trained in full (the
+    original's non-LoRA run) unless `train_llm` is False (``--freeze_backbone`` /
+    ``--tune_mm_mlp_adapter``: the LLM stays frozen and only the projector trains).
     Returns the model to train (the input itself when there is no LoRA).
     """
-    from peft import get_peft_model
-
     for part in ("image_tower", "video_tower"):
         tower = getattr(model, part, None)
         if tower is not None:
@@ -107,9 +107,11 @@ def apply_recipe(model: nn.Module, lora_config: LoraConfig | None) -> nn.Module:
     llm = model.get_submodule("language_model")
     projector = model.get_submodule("mm_projector")
     if lora_config is None:
-        llm.requires_grad_(True)
+        llm.requires_grad_(train_llm)
         projector.requires_grad_(True)
         return model
+    from peft import get_peft_model
+
     peft_model: PeftModel = get_peft_model(model, lora_config)
     # get_peft_model froze every base weight; the projector is trained in full, as in the original.
     projector.requires_grad_(True)
