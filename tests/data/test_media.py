@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vidlora.data import media
 from vidlora.data.media import MediaError, probe_video, read_image, read_video
 
 GRID_ROWS, GRID_COLS = 2, 4  # 8 bits: frame indices up to 255
@@ -267,6 +269,56 @@ def test_truncated_faststart_mp4(tmp_path: Path) -> None:
     half.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(MediaError, match=r"half_fs\.mp4: truncated or corrupt video"):
         read_video(half)
+
+
+def test_damaged_frame_is_refused_not_concealed(tmp_path: Path) -> None:
+    # Zero the second half of frame 9's packet. FFmpeg conceals the damage (grey blocks) and
+    # flags the frame corrupt; read_video must refuse it rather than return the concealed pixels.
+    rng = np.random.default_rng(0)
+    clip = tmp_path / "damaged.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream(
+            "libx264", rate=25, options={"threads": "1"}
+        )  # a reproducible bitstream
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(20):
+            frame = av.VideoFrame.from_ndarray(
+                rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24"
+            )
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(clip)) as container:
+        packets = sorted((p.pts, p.pos, p.size) for p in container.demux(video=0) if p.size)
+    _, pos, size = packets[9]
+    undamaged = read_video(clip, 2)[0]
+    data = bytearray(clip.read_bytes())
+    data[pos + size // 2 : pos + size] = bytes(size - size // 2)
+    clip.write_bytes(bytes(data))
+    # Frames 0 and 19 read back unchanged: the damage is local to frame 9 (x264 codes noise
+    # mostly intra, so little references it) and the decoder flags only frame 9.
+    frames, indices = read_video(clip, 2)
+    assert indices.tolist() == [0, 19] and np.array_equal(frames, undamaged)
+    with pytest.raises(MediaError, match=r"damaged\.mp4: frame at pts 4608 decodes with errors"):
+        read_video(clip, 20)
+
+
+def test_timeout_during_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inject a slow frame conversion (0.1 s per frame): 8 frames cannot fit in 0.3 s, so the
+    # deadline checked between frames must fire, naming the file.
+    clip = indexed_clip(tmp_path / "slowdecode.mp4", 16, "libx264")
+    real = media._to_rgb
+
+    def slow_to_rgb(frame: av.VideoFrame, path: str) -> np.ndarray:
+        time.sleep(0.1)
+        return real(frame, path)
+
+    monkeypatch.setattr(media, "_to_rgb", slow_to_rgb)
+    with pytest.raises(
+        TimeoutError, match=r"slowdecode\.mp4: reading the video took longer than timeout_s=0\.3"
+    ):
+        read_video(clip, 8, timeout_s=0.3)
 
 
 def test_timeout_names_the_path(tmp_path: Path) -> None:

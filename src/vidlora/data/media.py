@@ -9,6 +9,14 @@ Frame index → timestamp comes from the packets themselves (a demux-only pass, 
 from ``fps × index``: container frame counts can be missing (webm) or wrong, and variable frame
 rate files cannot be addressed by a rate at all. Every returned frame is matched to its target by
 its exact presentation timestamp, so a bad seek can cost time but never returns a wrong frame.
+
+Damage policy: a packet the demuxer flags corrupt or that runs past the end of the file, and a
+frame the decoder flags corrupt (it concealed an error), raise :class:`MediaError`; damage that
+decodes as a valid bitstream cannot be detected by any decoder and is not.
+
+Time limit: ``timeout_s`` is checked between packets and frames, and PyAV's own I/O timeout
+interrupts blocking reads. A decoder stuck inside one FFmpeg call cannot be interrupted from
+Python; a hard guarantee needs a process boundary (a DataLoader worker with a timeout).
 """
 
 from __future__ import annotations
@@ -201,8 +209,7 @@ def _decode_targets(
     deadline: _Deadline,
 ) -> dict[int, np.ndarray]:
     """Decode the frames whose pts are in ``targets`` (sorted, unique); returns pts → RGB array."""
-    wanted = set(targets)
-    needed = set(targets)  # shrinks as frames are found; read by _decoded_frames
+    needed = set(targets)  # shrinks as frames are found; _decoded_frames reads it too
     found: dict[int, np.ndarray] = {}
     frames: Iterator[av.VideoFrame] | None = None
     last_pts: int | None = None
@@ -218,34 +225,32 @@ def _decode_targets(
         if reuse and key_index >= 0 and table.keyframe_pts[key_index] > last_pts:
             reuse = False
         while target not in found:
-            if not reuse:
+            seeked = not reuse
+            if seeked:
                 seek_to = table.keyframe_pts[key_index] if key_index >= 0 else table.pts[0]
                 container.seek(seek_to, stream=stream, backward=True, any_frame=False)
                 frames = _decoded_frames(container, stream, deadline, needed)
             reuse = False
             assert frames is not None
-            overshot = False
             for frame in frames:
                 stamp = frame.pts
                 if stamp is None:
                     raise MediaError(f"{path}: decoded a frame without a timestamp")
                 last_pts = stamp
-                if stamp in wanted and stamp not in found:
+                if stamp in needed:
+                    if frame.is_corrupt:  # FFmpeg concealed a decode error: the pixels are not the frame's
+                        raise MediaError(f"{path}: frame at pts {stamp} decodes with errors (corrupt data)")
                     found[stamp] = _to_rgb(frame, path)
                     needed.discard(stamp)
                 if stamp >= target:
-                    overshot = stamp > target and target not in found
                     break
-            else:
-                frames = None
-                last_pts = None
-                if target not in found and key_index < 0:
-                    raise MediaError(f"{path}: frame at pts {target} could not be decoded (corrupt data?)")
-                overshot = target not in found
-            if overshot:
+            else:  # end of stream
+                frames, last_pts = None, None
+            if target not in found and seeked:
+                # The seek landed past the target, or the data ran out: restart one keyframe earlier.
                 if key_index < 0:
                     raise MediaError(f"{path}: frame at pts {target} could not be decoded (corrupt data?)")
-                key_index -= 1  # seek landed past the target: restart from an earlier keyframe
+                key_index -= 1
     return found
 
 
