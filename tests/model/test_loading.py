@@ -55,7 +55,7 @@ def write_languagebind_tower(directory: Path, model, tower: str, seed: int) -> P
     state |= {
         "text_model.embeddings.token_embedding.weight": torch.randn(50, width, generator=gen),
         "text_model.embeddings.position_ids": torch.arange(7).unsqueeze(0),
-        "vision_model.embeddings.position_ids": torch.arange(config.num_positions if hasattr(config, "num_positions") else 17).unsqueeze(0),
+        "vision_model.embeddings.position_ids": torch.arange(17).unsqueeze(0),  # 16 patches + CLS
         "visual_projection.weight": torch.randn(32, width, generator=gen),
         "text_projection.weight": torch.randn(32, width, generator=gen),
         "logit_scale": torch.tensor(2.6592),
@@ -87,6 +87,9 @@ def write_original(directory: Path, model, tokenizer, *, video_dir: Path, image_
     head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
     for i in range(model.config.text_config.num_hidden_layers):
         state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(head_dim // 2)
+    if embed_towers:  # LanguageBind registers CLIP's position_ids as a persistent buffer
+        for part in ("image_tower", "video_tower"):
+            state[f"model.{part}.{part}.embeddings.position_ids"] = torch.arange(17).unsqueeze(0)
     _save_sharded(state, directory)
     config = _llama_fields(model) | {
         "model_type": "llava",
@@ -220,8 +223,12 @@ def test_original_layout_round_trip_with_embedded_towers(tmp_path, source, tower
     assert_same_weights(loaded.model, model.state_dict())
     # Towers came from the checkpoint itself; the tower directories gave their configs only.
     assert [Path(s.path).parent for s in loaded.report.sources] == [ckpt, ckpt]
-    assert_every_tensor_used(loaded.report, allowed_ignored={"rotary inv_freq buffer (recomputed)"})
-    assert "ignored (2): 2 x rotary inv_freq buffer (recomputed)" in loaded.report.format()
+    assert_every_tensor_used(
+        loaded.report, allowed_ignored={"rotary inv_freq buffer (recomputed)", "position_ids buffer (recomputed)"}
+    )
+    assert "ignored (4): 2 x position_ids buffer (recomputed); 2 x rotary inv_freq buffer (recomputed)" in (
+        loaded.report.format()
+    )
     assert loaded.report.temporal_attention is True
     assert loaded.model.config.video_config.num_frames == 8
     assert loaded.model.config.video_config.hidden_act == "gelu"
