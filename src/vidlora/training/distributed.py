@@ -1,0 +1,53 @@
+"""Start DeepSpeed's communication layer early enough for ZeRO-3 on any device, CPU included.
+
+Why this exists: under ZeRO-3 the Trainer's DeepSpeed config makes transformers wrap model
+construction (``from_pretrained`` / ``from_config`` / ``_from_config``) in ``deepspeed.zero.Init``,
+which partitions parameters across ranks as they are created and reads the world size from
+DeepSpeed's own communication backend. On a GPU, accelerate starts that backend when the
+TrainingArguments set up their device; with ``use_cpu=True`` accelerate takes its plain-PyTorch
+path instead, DeepSpeed's backend is not up yet, ``zero.Init`` sees a world size of 1 and fails with
+"train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size".
+Calling :func:`init_deepspeed_distributed` after parsing the arguments and before building the
+model fixes that; on a GPU it is a no-op in effect (DeepSpeed reuses an existing process group).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LauncherRequired(RuntimeError):
+    """--deepspeed was given to a process that no distributed launcher started."""
+
+
+def missing_launcher_env(environ: dict[str, str] | None = None) -> list[str]:
+    """The launcher variables DeepSpeed needs that are not set (empty under deepspeed/torchrun)."""
+    env = os.environ if environ is None else environ
+    return [name for name in LAUNCHER_ENV if name not in env]
+
+
+def init_deepspeed_distributed(deepspeed_config: str | dict | None, timeout_s: int = 1800) -> bool:
+    """Bring up DeepSpeed's process group when a DeepSpeed config is in use; True if it did.
+
+    Call once per process, after the TrainingArguments exist and before the model is built.
+    The backend is DeepSpeed's choice for the device (nccl on CUDA, gloo on CPU unless oneCCL is
+    installed). Raises :class:`LauncherRequired` when the process was not started by a launcher:
+    DeepSpeed's ZeRO-3 reads ``LOCAL_RANK`` and friends from the environment and otherwise falls
+    back to MPI discovery (``No module named 'mpi4py'``), which says nothing useful.
+    """
+    if not deepspeed_config:
+        return False
+    missing = missing_launcher_env()
+    if missing:
+        raise LauncherRequired(
+            f"--deepspeed needs a distributed launcher (missing environment: {', '.join(missing)}); "
+            "run `deepspeed --num_gpus N --module vidlora.train ...` (on CPU: `deepspeed --num_gpus N` "
+            "starts N CPU processes) or `torchrun --nproc_per_node N -m vidlora.train ...`, N >= 1"
+        )
+    import deepspeed
+
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    return True
