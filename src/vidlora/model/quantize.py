@@ -18,7 +18,11 @@ Why not peft's ``prepare_model_for_kbit_training`` on the whole model: it would 
 projector to float32 too (the original keeps them in the training precision) and its
 checkpointing branch keys on ``from_pretrained``'s attributes. It is applied to the language model
 alone; the input-gradient hook is set on the composite model, whose embedding output is what the
-first checkpointed LLM layer receives.
+first checkpointed LLM layer receives (transformers 5's ``activation_checkpointing_enable`` sets the
+same hook; setting it here keeps this function equivalent to peft's on its own).
+
+Quantized layers are frozen bitsandbytes parameters: DeepSpeed ZeRO-3 must not partition them (use
+ZeRO-2 or no DeepSpeed with ``--bits``, as the original's QLoRA scripts do).
 """
 
 from __future__ import annotations
@@ -111,8 +115,10 @@ def quantize_language_model(
         quant_type: 4 bits: "nf4" or "fp4" (`--quant_type`).
         gradient_checkpointing: make the input embeddings' output require grad, so re-entrant
             checkpointing of the frozen LLM still passes gradients to the adapters.
-        device: where the quantized layers go (quantization runs there: the GPU is much faster than
-            the CPU). None: where each weight is now.
+        device: where the quantized layers go; quantization runs there. Pass the training device
+            (`TrainingArguments.device`) on a GPU: quantizing there is fast, and a 4-bit weight that
+            was quantized on the CPU and then used for CPU inference is repacked into a CPU-only
+            layout that a later `.to("cuda")` does not undo. None: where each weight is now.
 
     Returns:
         `model` itself: LLM linears quantized and frozen, the LLM's remaining 16-bit parameters
