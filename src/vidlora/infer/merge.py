@@ -1,0 +1,127 @@
+"""`vidlora merge`: fold a LoRA checkpoint into its base model and save a standalone model.
+
+    vidlora merge --model_path out/checkpoint-50 [--model_base BASE] --out merged/ [--layout ours|hf]
+
+The projector trained alongside the adapter is included. The result is sharded safetensors plus
+config, tokenizer and the training's data config, and loads with `vidlora chat/predict
+--model_path merged/`. With ``--layout hf`` (the default when the base was in the transformers
+`-hf` layout) it is written for transformers' ``VideoLlavaForConditionalGeneration``; that layout
+has no temporal attention, so a base with temporal layers cannot be written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vidlora.infer.load import load_for_inference
+from vidlora.model import keymaps
+from vidlora.training.trainer import VIDLORA_CONFIG_FILE
+
+
+def hf_config_dict(config) -> dict:
+    """A transformers ``VideoLlavaConfig`` for our config (both towers share one vision config)."""
+    from transformers import VideoLlavaConfig
+
+    tower = config.image_config if config.image_config is not None else config.video_config
+    vision = tower.to_dict()
+    for key in ("num_frames", "add_time_attn", "model_type", "transformers_version"):
+        vision.pop(key, None)
+    hf = VideoLlavaConfig(
+        vision_config={"model_type": "clip_vision_model", **vision},
+        text_config=config.text_config.to_dict(),
+        image_token_index=config.image_token_id,
+        video_token_index=config.video_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=config.mm_vision_select_layer,
+        vision_feature_select_strategy="default",
+        image_seq_length=config.image_seq_length if config.image_config is not None else 256,
+        video_seq_length=config.video_seq_length if config.video_config is not None else 2056,
+        pad_token_id=config.pad_token_id,
+    )
+    return hf.to_dict()
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    """Write safetensors shards plus the index transformers reads."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for number, shard in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def merge(model_path: str, model_base: str | None, out: str, *, layout: str | None = None,
+          max_shard_size_mb: int = 4096) -> Path:
+    """Merge and save; returns the output directory."""
+    loaded = load_for_inference(model_path, model_base, merge=True)
+    model = loaded.model
+    config = model.config
+    temporal = config.video_config is not None and config.video_config.add_time_attn
+    if layout is None:
+        layout = "ours" if temporal else "hf"
+    if layout not in ("ours", "hf"):
+        raise ValueError(f"--layout {layout}: use ours or hf")
+    if layout == "hf" and temporal:
+        raise ValueError("--layout hf cannot hold the video tower's temporal attention; use --layout ours")
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items()}
+    if layout == "hf":
+        tensors = keymaps.convert_from_ours(state, "hf", hf_style="memory", hf_vision_model_prefix=False)
+        (target / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+    else:
+        tensors = state
+        config.run_all_towers = False
+        config.save_pretrained(target)
+    save_sharded(tensors, target, max_shard_size_mb * 1024 * 1024)
+    loaded.tokenizer.save_pretrained(target)
+    source_config = Path(model_path) / VIDLORA_CONFIG_FILE
+    if source_config.is_file():
+        shutil.copyfile(source_config, target / VIDLORA_CONFIG_FILE)
+    return target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidlora merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_path", required=True, help="a vidlora LoRA checkpoint directory")
+    parser.add_argument("--model_base", default=None, help="its base model (default: the recorded one)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layout", choices=("ours", "hf"), default=None,
+                        help="ours (default with temporal attention) or hf (VideoLlavaForConditionalGeneration)")
+    parser.add_argument("--max_shard_size_mb", type=int, default=4096)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = merge(args.model_path, args.model_base, args.out, layout=args.layout,
+                 max_shard_size_mb=args.max_shard_size_mb)
+    print(f"vidlora merge: wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""`vidlora predict`: batched generation over a dataset, sharded, resumable.
+
+Every assistant turn of every sample becomes one prediction: the conversation up to that
+question (earlier answers are the reference ones), the sample's media, and the model's answer.
+Each output line carries its own id, turn, question and reference answer, so results can never be
+paired with the wrong question, however the work was sharded.
+
+Sharding: run one process per GPU with `torchrun --nproc_per_node N -m vidlora.infer.predict …`
+(or pass --num_shards/--shard_index yourself). Shard k takes every N-th sample and writes
+``OUT.shard-k-of-N``; when all shards are complete, shard 0 (or a later run) merges them into
+``OUT`` in dataset order. Rerunning skips the (id, turn) pairs already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vidlora.data.records import Sample, Turn, load_records, resolve_media
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prediction to make: sample + which assistant turn."""
+
+    sample: Sample
+    turn: int  # index of the assistant answer within the sample (0-based)
+    question: str
+    answer: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.sample.id, self.turn)
+
+
+def jobs_of(sample: Sample) -> list[Job]:
+    """One job per assistant turn; the conversation is cut just before that answer."""
+    jobs = []
+    answer_index = 0
+    turns = [t for t in sample.conversations if t.role != "system"]
+    for position, turn in enumerate(turns):
+        if turn.role == "gpt":
+            question = turns[position - 1].value
+            jobs.append(Job(sample, answer_index, question, turn.value))
+            answer_index += 1
+    return jobs
+
+
+def prompt_turns(job: Job) -> list[Turn]:
+    """The conversation up to (and including) the question of ``job``."""
+    turns: list[Turn] = []
+    answers_seen = 0
+    for turn in job.sample.conversations:
+        if turn.role == "gpt":
+            if answers_seen == job.turn:
+                break
+            answers_seen += 1
+        turns.append(turn)
+    return turns
+
+
+def sample_type(sample: Sample, turn: int) -> str | None:
+    raw = sample.raw
+    types = raw.get("types")
+    if isinstance(types, list) and turn < len(types):
+        return types[turn]
+    return raw.get("type")
+
+
+def sample_modality(sample: Sample) -> str:
+    raw_modality = sample.raw.get("modality")
+    if raw_modality:
+        return raw_modality
+    parts = (["video"] if sample.video else []) + (["image"] if sample.images else [])
+    return "+".join(parts) or "text"
+
+
+def read_done(path: Path) -> set[tuple[str, int]]:
+    """(id, turn) pairs already in a predictions file; a torn last line (a crash) is dropped."""
+    done: set[tuple[str, int]] = set()
+    if not path.exists():
+        return done
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON ({err}); fix or remove the line") from err
+        done.add((str(record["id"]), int(record.get("turn", 0))))
+    return done
+
+
+def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
+    for start in range(0, len(jobs), size):
+        yield jobs[start : start + size]
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(shard index, number of shards) from torchrun's environment, (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard_path(out: Path, index: int, count: int) -> Path:
+    return out if count == 1 else out.with_name(f"{out.name}.shard-{index}-of-{count}")
+
+
+def merge_shards(out: Path, count: int, order: list[tuple[str, int]]) -> bool:
+    """Merge complete shard files into ``out`` in dataset order; False if a shard is incomplete."""
+    records: dict[tuple[str, int], str] = {}
+    for index in range(count):
+        path = shard_path(out, index, count)
+        if not path.exists():
+            return False
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[(str(record["id"]), int(record.get("turn", 0)))] = line
+    if any(key not in records for key in order):
+        return False
+    out.write_text("".join(records[key] + "\n" for key in order))
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidlora predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_path", required=True, help="checkpoint, merged model or base model")
+    parser.add_argument("--model_base", default=None, help="base model of a LoRA checkpoint (default: recorded)")
+    parser.add_argument("--data_path", required=True, nargs="+", help="Video-LLaVA JSON/JSONL file(s)")
+    parser.add_argument("--video_folder", default=None)
+    parser.add_argument("--image_folder", default=None)
+    parser.add_argument("--out", required=True, help="predictions JSONL")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--num_shards", type=int, default=None, help="default: WORLD_SIZE or 1")
+    parser.add_argument("--shard_index", type=int, default=None, help="default: RANK or 0")
+    parser.add_argument("--allow_media_outside_folder", action="store_true")
+    parser.add_argument("--decode_timeout", type=float, default=60.0)
+    return parser
+
+
+def predict(args: argparse.Namespace, *, loaded=None, progress: bool = True) -> Path:
+    """Run predictions (see the module docstring); returns the path of the written file."""
+    from vidlora.infer.generate import Generator, Request
+    from vidlora.infer.load import load_for_inference
+
+    env_index, env_count = shard_from_env()
+    count = args.num_shards or env_count
+    index = env_index if args.shard_index is None else args.shard_index
+    if not 0 <= index < count:
+        raise ValueError(f"--shard_index {index} is outside 0..{count - 1}")
+    samples = load_records(args.data_path)
+    all_jobs = [(position, job) for position, sample in enumerate(samples) for job in jobs_of(sample)]
+    order = [job.key for _, job in all_jobs]
+    if len(set(order)) != len(order):
+        raise ValueError("duplicate sample ids in --data_path: predictions could not be told apart")
+    # Whole samples go to one shard, so a multi-turn sample's lines stay together.
+    mine = [job for position, job in all_jobs if position % count == index]
+    out = Path(args.out)
+    path = shard_path(out, index, count)
+    done = read_done(path)
+    todo = [job for job in mine if job.key not in done]
+    if todo:
+        loaded = loaded or load_for_inference(args.model_path, args.model_base)
+        generator = Generator(loaded, decode_timeout=args.decode_timeout)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle, tqdm(total=len(todo), desc="predict", disable=not progress) as bar:
+            for batch in batches(todo, args.batch_size):
+                requests = []
+                for job in batch:
+                    video, images = resolve_media(
+                        job.sample, args.video_folder, args.image_folder,
+                        allow_outside=args.allow_media_outside_folder,
+                    )  # fmt: skip
+                    requests.append(Request(job.sample.id, prompt_turns(job), video, list(images)))
+                answers = generator.generate(requests, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                for job, answer in zip(batch, answers, strict=True):
+                    record = {
+                        "id": job.sample.id,
+                        "turn": job.turn,
+                        "question": job.question,
+                        "answer": job.answer,
+                        "prediction": answer,
+                        "type": sample_type(job.sample, job.turn),
+                        "modality": sample_modality(job.sample),
+                    }
+                    handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                bar.update(len(batch))
+    if count > 1 and index == 0:
+        merge_shards(out, count, order)
+    return out if count == 1 or out.exists() else path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = predict(args)
+    print(f"vidlora predict: wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

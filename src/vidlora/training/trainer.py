@@ -1,0 +1,137 @@
+"""The Trainer subclass, kept thin: the modality sampler, optimizer groups, and self-contained saves.
+
+Everything else — precision, gradient checkpointing, schedules, logging, evaluation and save
+strategies, `save_total_limit`, DeepSpeed and resume — is the Trainer's own machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from vidlora.data.sampler import ModalityLengthGroupedSampler
+
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+VIDLORA_CONFIG_FILE = "vidlora_config.json"
+PEFT_PREFIX = "base_model.model."
+PROJECTOR_NAME = "mm_projector"
+
+
+def strip_peft_prefix(name: str) -> str:
+    """`base_model.model.mm_projector.0.weight` -> `mm_projector.0.weight`."""
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
+def is_lora_name(name: str) -> bool:
+    return "lora_" in name
+
+
+def non_lora_trainable_names(model: torch.nn.Module) -> list[str]:
+    """Trainable parameters that are not LoRA adapters (the projector, in the default recipe)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not is_lora_name(n)]
+
+
+class VidloraTrainer(Trainer):
+    """Trainer with the three things Video-LLaVA fine-tuning needs beyond the stock one.
+
+    ``data_config`` (template, frames, aspect ratio, lengths, base model, …) is written into every
+    checkpoint next to the adapter, the non-LoRA trainables and the tokenizer, so a
+    ``checkpoint-N`` directory can be used without the training run.
+    """
+
+    def __init__(self, *args: Any, data_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_config = dict(data_config or {})
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not getattr(self.args, "group_by_modality_length", False):
+            return super()._get_train_sampler(train_dataset)
+        return ModalityLengthGroupedSampler(
+            dataset.modality_lengths,
+            per_device_batch_size=self.args.per_device_train_batch_size,
+            world_size=self.args.world_size,
+            grad_accum=self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
+
+    # -- optimizer --------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """Decay / no-decay x projector / rest; the projector may have its own learning rate."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        projector_lr = getattr(self.args, "mm_projector_lr", None)
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_projector = projector_lr is not None and PROJECTOR_NAME in name
+            groups.setdefault((name in decay, is_projector), []).append(param)
+        param_groups = []
+        for (decays, is_projector), params in sorted(groups.items()):
+            group: dict[str, Any] = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if is_projector:
+                group["lr"] = projector_lr
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- saving -----------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Adapter + non-LoRA trainables (safetensors) + configs + tokenizer, in every checkpoint.
+
+        Under ZeRO-3 the Trainer hands us a state dict gathered from all ranks (trainable
+        parameters only); otherwise we read the parameters directly.
+        """
+        output_dir = output_dir or self.args.output_dir
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        names = non_lora_trainable_names(model)
+        if state_dict is None:
+            params = dict(model.named_parameters())
+            tensors = {n: params[n] for n in names}
+        else:
+            missing = [n for n in names if n not in state_dict]
+            if missing:
+                raise RuntimeError(f"the gathered state dict lacks trainable parameters: {missing[:5]}")
+            tensors = {n: state_dict[n] for n in names}
+        if tensors:
+            cpu = {strip_peft_prefix(n): t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
+            save_file(cpu, os.path.join(output_dir, NON_LORA_FILE), metadata={"format": "pt"})
+        base = getattr(model, "get_base_model", lambda: model)()
+        base.config.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, VIDLORA_CONFIG_FILE), "w") as handle:
+            json.dump(self.data_config, handle, indent=2, sort_keys=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer restores the adapter; the projector comes from our own file."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_non_lora_trainables(model or self.model, Path(resume_from_checkpoint) / NON_LORA_FILE)
+
+
+def load_non_lora_trainables(model: torch.nn.Module, path: Path) -> None:
+    """Copy saved non-LoRA trainables into ``model`` (PEFT-wrapped or not); strict on names."""
+    if not path.exists():
+        return
+    saved = load_file(str(path))
+    params = {strip_peft_prefix(n): p for n, p in model.named_parameters()}
+    unknown = [k for k in saved if k not in params]
+    if unknown:
+        raise KeyError(f"{path} holds tensors the model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for key, tensor in saved.items():
+            if params[key].shape != tensor.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, model expects {tuple(params[key].shape)}")
+            params[key].copy_(tensor.to(params[key].dtype))
