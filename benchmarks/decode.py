@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,13 +129,29 @@ def decode_all(path: Path, num_frames: int) -> tuple[np.ndarray, int]:
         return np.stack([kept[i] for i in sample_indices(total, num_frames)]), total
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
+@dataclass(frozen=True)
+class Timing:
+    """Median wall-clock and CPU (user + system, all threads of this process) seconds."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def measure(
+    fns: dict[str, Callable[[], object]], repeats: int
+) -> tuple[dict[str, Timing], dict[str, object]]:
+    """Time each function ``repeats`` times, interleaved, so a change in machine load hits all alike."""
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, object] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, fn in fns.items():
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            results[name] = fn()
+            cpu[name].append(time.process_time() - cpu_start)
+            wall[name].append(time.perf_counter() - wall_start)
+    timings = {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
+    return timings, results
 
 
 def run(out_dir: Path, repeats: int) -> list[dict[str, object]]:
@@ -145,9 +162,16 @@ def run(out_dir: Path, repeats: int) -> list[dict[str, object]]:
             start = time.perf_counter()
             encode_clip(clip, path)
             print(f"encoded {path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        seek_s, (frames, indices) = timed(lambda p=path: read_video(p, NUM_FRAMES), repeats)
-        table_s, _ = timed(lambda p=path: frame_table_only(p), repeats)
-        all_s, (all_frames, total) = timed(lambda p=path: decode_all(p, NUM_FRAMES), repeats)
+        timings, results = measure(
+            {
+                "read_video": lambda p=path: read_video(p, NUM_FRAMES),
+                "table": lambda p=path: frame_table_only(p),
+                "decode_all": lambda p=path: decode_all(p, NUM_FRAMES),
+            },
+            repeats,
+        )
+        frames, indices = results["read_video"]
+        all_frames, total = results["decode_all"]
         got = [read_index(f) for f in frames]
         if got != indices.tolist() or [read_index(f) for f in all_frames] != got:
             raise RuntimeError(f"{path}: wrong frames: read_video {got}, expected {indices.tolist()}")
@@ -155,10 +179,8 @@ def run(out_dir: Path, repeats: int) -> list[dict[str, object]]:
             {
                 "clip": f"{clip.name} ({clip.width}x{clip.height}, {total} frames, "
                 f"{path.stat().st_size / 1e6:.1f} MB)",
-                "seek_s": seek_s,
-                "table_s": table_s,
-                "all_s": all_s,
                 "total": total,
+                **timings,
             }
         )
     return rows
@@ -167,19 +189,21 @@ def run(out_dir: Path, repeats: int) -> list[dict[str, object]]:
 def table(rows: list[dict[str, object]], repeats: int) -> str:
     lines = [
         f"PyAV {av.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()} with {os.cpu_count()} CPU cores (shared with other jobs: expect ±50% between "
-        f"runs, compare rows of one run); median of {repeats} runs; {NUM_FRAMES} frames sampled with "
-        "`np.linspace(0, n-1, 8, dtype=int)`; both readers verified to return the same frames.",
+        f"{platform.machine()} with {os.cpu_count()} CPU cores shared with other jobs (wall times move "
+        f"±50% between runs; CPU time is steadier); median of {repeats} interleaved runs; {NUM_FRAMES} frames "
+        "sampled with `np.linspace(0, n-1, 8, dtype=int)`; both readers verified to return the same frames.",
         "",
-        "| clip | read_video s / 8-frame sample | read_video frames/s | of which frame table (demux only) s "
-        "| decode-all s / sample | decode-all frames/s decoded | decode-all / read_video |",
+        "| clip | read_video s / 8-frame sample (wall / CPU) | read_video frames/s (wall) "
+        "| of which frame table, demux only (wall s) | decode-all s / sample (wall / CPU) "
+        "| decode-all frames/s decoded (wall) | decode-all / read_video (wall / CPU) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        seek_s, table_s, all_s, total = row["seek_s"], row["table_s"], row["all_s"], row["total"]
+        seek, tab, full, total = row["read_video"], row["table"], row["decode_all"], row["total"]
         lines.append(
-            f"| {row['clip']} | {seek_s:.3f} | {NUM_FRAMES / seek_s:.1f} | {table_s:.3f} | {all_s:.2f} "
-            f"| {total / all_s:.0f} | {all_s / seek_s:.1f}× |"
+            f"| {row['clip']} | {seek.wall_s:.3f} / {seek.cpu_s:.3f} | {NUM_FRAMES / seek.wall_s:.1f} "
+            f"| {tab.wall_s:.3f} | {full.wall_s:.2f} / {full.cpu_s:.2f} | {total / full.wall_s:.0f} "
+            f"| {full.wall_s / seek.wall_s:.1f}× / {full.cpu_s / seek.cpu_s:.1f}× |"
         )
     return "\n".join(lines)
 
