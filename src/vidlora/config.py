@@ -9,6 +9,7 @@ problem at once, before any model is loaded.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
@@ -134,6 +135,21 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
+def _zero_stage(deepspeed: str | dict | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (a path or a dict); None when absent or unreadable."""
+    if not deepspeed:
+        return None
+    config = deepspeed
+    if isinstance(deepspeed, str):
+        try:
+            with open(deepspeed) as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            return None
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    return stage if isinstance(stage, int) else None
+
+
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
@@ -184,6 +200,11 @@ def value_problems(
         problems.append(f"--bits {train.bits}: use 4, 8 or 16.")
     if train.bits in (4, 8) and not train.lora_enable:
         problems.append(f"--bits {train.bits} quantizes the LLM, which then needs --lora_enable True to train.")
+    if train.bits in (4, 8) and _zero_stage(train.deepspeed) == 3:
+        problems.append(
+            f"--bits {train.bits} with a ZeRO-3 config: ZeRO-3 would partition the quantized weights; "
+            "use configs/zero2.json (or no --deepspeed) for QLoRA."
+        )
     if train.quant_type not in ("nf4", "fp4"):
         problems.append(f"--quant_type {train.quant_type}: use nf4 or fp4.")
     if train.lora_bias not in LORA_BIASES:

@@ -13,7 +13,6 @@ Launch it as the seed does (`deepspeed -m vidlora.train --deepspeed configs/zero
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -76,6 +75,7 @@ def prepare_model(model_args: ModelArguments, train_args: TrainingArguments):
 
         model = quantize_language_model(
             model,
+            device=train_args.device,
             bits=train_args.bits,
             compute_dtype=load_dtype(train_args),
             double_quant=train_args.double_quant,
@@ -162,16 +162,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
 
     from vidlora.data.collate import MultimodalCollator
     from vidlora.training.callbacks import LossCurveWriter, NonFiniteStop, TokenCountLogger
+    from vidlora.training.distributed import init_deepspeed_distributed
     from vidlora.training.trainer import VidloraTrainer
 
     set_seed(train_args.seed)
+    # ZeRO-3 builds models inside deepspeed.zero.Init, which needs DeepSpeed's process group first.
+    init_deepspeed_distributed(train_args.deepspeed, train_args.ddp_timeout)
     model, tokenizer, model_config = prepare_model(model_args, train_args)
     if train_args.should_log:
         print(trainable_report(model), file=sys.stderr)
     train_set, eval_set = build_datasets(model_args, data_args, train_args, tokenizer, model_config)
-    callbacks = [TokenCountLogger(), LossCurveWriter()]
-    if train_args.stop_on_nonfinite:
-        callbacks.insert(0, NonFiniteStop())
+    nonfinite = NonFiniteStop() if train_args.stop_on_nonfinite else None
+    callbacks = [c for c in (nonfinite, TokenCountLogger(), LossCurveWriter()) if c is not None]
     trainer = VidloraTrainer(
         model=model,
         args=train_args,
@@ -183,6 +185,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         data_config=data_config(model_args, data_args, train_args, model_config),
     )
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    if nonfinite is not None:
+        # Before the final save: the broken weights must not overwrite the last good checkpoint.
+        nonfinite.raise_if_failed()
     trainer.save_model(train_args.output_dir)
     trainer.save_state()
     return trainer
@@ -194,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentProblems as err:
         print(f"vidlora train: {err}", file=sys.stderr)
         return 2
+    from vidlora.training.callbacks import NonFiniteTrainingError
+    from vidlora.training.distributed import LauncherRequired
+
     Path(train_args.output_dir).mkdir(parents=True, exist_ok=True)
-    trainer = run(model_args, data_args, train_args)
-    final_loss = trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None
-    if final_loss is not None and not math.isfinite(final_loss):
+    try:
+        run(model_args, data_args, train_args)
+    except (NonFiniteTrainingError, LauncherRequired) as err:
+        print(f"vidlora train: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from vidlora.data.sampler import ModalityLengthGroupedSampler
+from vidlora.training.callbacks import observe_micro_batch
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 VIDLORA_CONFIG_FILE = "vidlora_config.json"
@@ -61,6 +62,14 @@ class VidloraTrainer(Trainer):
             grad_accum=self.args.gradient_accumulation_steps,
             seed=self.args.seed,
         )
+
+    # -- per micro-batch observation --------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The stock step, then hand the raw loss and labels to the callbacks that watch them
+        (non-finite losses hidden by `logging_nan_inf_filter`, trained-token counts)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        observe_micro_batch(self.callback_handler.callbacks, self.state, inputs, loss)
+        return loss
 
     # -- optimizer --------------------------------------------------------------------------
     def create_optimizer(self, model=None):
