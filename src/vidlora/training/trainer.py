@@ -7,7 +7,6 @@ strategies, `save_total_limit`, DeepSpeed and resume — is the Trainer's own ma
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -107,27 +106,39 @@ class VidloraTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        names = non_lora_trainable_names(model)
-        if state_dict is None:
-            params = dict(model.named_parameters())
-            tensors = {n: params[n] for n in names}
-        else:
-            missing = [n for n in names if n not in state_dict]
-            if missing:
-                raise RuntimeError(f"the gathered state dict lacks trainable parameters: {missing[:5]}")
-            tensors = {n: state_dict[n] for n in names}
-        if tensors:
-            cpu = {strip_peft_prefix(n): t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
-            save_file(cpu, os.path.join(output_dir, NON_LORA_FILE), metadata={"format": "pt"})
-        base = getattr(model, "get_base_model", lambda: model)()
-        base.config.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, VIDLORA_CONFIG_FILE), "w") as handle:
-            json.dump(self.data_config, handle, indent=2, sort_keys=True)
+        write_checkpoint_extras(model, Path(output_dir), self.data_config, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The Trainer restores the adapter; the projector comes from our own file."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_non_lora_trainables(model or self.model, Path(resume_from_checkpoint) / NON_LORA_FILE)
+
+
+def write_checkpoint_extras(
+    model: torch.nn.Module, output_dir: Path, data_config: dict[str, Any], state_dict: dict | None = None
+) -> None:
+    """Next to a PEFT adapter: the non-LoRA trainables (safetensors), the model config and the
+    data config, so the directory can be used without the training run.
+
+    ``state_dict`` is the Trainer's gathered one under ZeRO-3 (trainable parameters only);
+    without it the parameters are read from ``model`` directly.
+    """
+    names = non_lora_trainable_names(model)
+    if state_dict is None:
+        params = dict(model.named_parameters())
+        tensors = {n: params[n] for n in names}
+    else:
+        missing = [n for n in names if n not in state_dict]
+        if missing:
+            raise RuntimeError(f"the gathered state dict lacks trainable parameters: {missing[:5]}")
+        tensors = {n: state_dict[n] for n in names}
+    if tensors:
+        cpu = {strip_peft_prefix(n): t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
+        save_file(cpu, str(output_dir / NON_LORA_FILE), metadata={"format": "pt"})
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(output_dir)
+    with open(output_dir / VIDLORA_CONFIG_FILE, "w") as handle:
+        json.dump(data_config, handle, indent=2, sort_keys=True)
 
 
 def load_non_lora_trainables(model: torch.nn.Module, path: Path) -> None:
