@@ -197,12 +197,18 @@ def stat_problem(path: Path) -> tuple[ProblemKind, str] | None:
     return None
 
 
-def classify_media_error(path: Path, exc: BaseException) -> ProblemKind:
-    """Category of a decode failure (the file is stat-ed again: it may have changed since construction)."""
+def classify_media_error(path: Path, exc: BaseException) -> tuple[ProblemKind, str]:
+    """Category and reason of a decode failure; the reason drops the leading ``"<path>: "``.
+
+    The file is stat-ed again because it may have changed since the dataset was built.
+    """
+    reason = str(exc)
+    prefix = f"{path}: "
+    reason = reason[len(prefix) :] if reason.startswith(prefix) else reason
     if isinstance(exc, TimeoutError):
-        return ProblemKind.DECODE_TIMEOUT
+        return ProblemKind.DECODE_TIMEOUT, reason
     found = stat_problem(path)
-    return found[0] if found is not None else ProblemKind.UNREADABLE_MEDIA
+    return (found[0] if found is not None else ProblemKind.UNREADABLE_MEDIA), reason
 
 
 def load_video(path: Path, num_frames: int, spec: PixelSpec, timeout_s: float) -> torch.Tensor:
@@ -216,8 +222,8 @@ def load_image(path: Path, spec: PixelSpec, aspect: str) -> torch.Tensor:
     return preprocess_image(read_image(path), spec, aspect=aspect)
 
 
-def _field_path(sample: Sample, field: str | None) -> str | None:
-    """The path as written in the record for a RecordError field ("video" or "image[k]")."""
+def record_field_path(sample: Sample, field: str | None) -> str | None:
+    """The media path as written in the record for a RecordError field ("video" or "image[k]")."""
     if field == "video":
         return sample.video
     if field is not None and field.startswith("image[") and field.endswith("]"):
@@ -392,7 +398,7 @@ class SupervisedDataset(Dataset):
         try:
             video, images = resolve_media(sample, self.video_folder, self.image_folder, self.allow_outside)
         except RecordError as err:
-            return None, [problem(ProblemKind.BAD_PATH, err.reason, _field_path(sample, err.field))]
+            return None, [problem(ProblemKind.BAD_PATH, err.reason, record_field_path(sample, err.field))]
         if check_files:
             for path in ([video] if video is not None else []) + images:
                 found = stat_problem(path)
@@ -466,10 +472,8 @@ class SupervisedDataset(Dataset):
             return load(path)
         except (MediaError, TimeoutError, ValueError) as exc:
             # ValueError covers pre-processing refusals (e.g. an image array of the wrong shape).
-            reason = str(exc)
-            prefix = f"{path}: "
-            reason = reason[len(prefix) :] if reason.startswith(prefix) else reason
-            raise SampleError(self._problem(entry, classify_media_error(path, exc), reason, path)) from exc
+            kind, reason = classify_media_error(path, exc)
+            raise SampleError(self._problem(entry, kind, reason, path)) from exc
 
     # -- subsets ----------------------------------------------------------------------------
 
