@@ -231,6 +231,19 @@ def test_missing_empty_and_text_files(tmp_path: Path) -> None:
         read_video(text)
     with pytest.raises(MediaError, match=r"notes\.mp4"):
         probe_video(text)
+    still = tmp_path / "still.mp4"
+    Image.new("RGB", (8, 8)).save(still, format="PNG")
+    with pytest.raises(MediaError, match=r"still\.mp4: a still image \(png_pipe\), not a video"):
+        read_video(still)
+    audio = tmp_path / "audio.mp4"
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(MediaError, match=r"audio\.mp4: no video stream"):
+        read_video(audio)
     assert issubclass(MediaError, ValueError)
 
 

@@ -120,6 +120,9 @@ def _open(path: str, deadline: _Deadline) -> av.container.InputContainer:
 
 
 def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
+    # FFmpeg opens a still image as a one-frame "video"; sampling it would repeat one picture T times.
+    if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+        raise MediaError(f"{path}: a still image ({container.format.name}), not a video")
     if not container.streams.video:
         raise MediaError(f"{path}: no video stream")
     return container.streams.video[0]
