@@ -49,7 +49,7 @@ class VideoInfo:
         width: width of the frames as returned by :func:`read_video` (after rotation).
         height: height of the frames as returned by :func:`read_video` (after rotation).
         codec: decoder name, e.g. ``h264``, ``vp9``, ``mpeg4``.
-        rotation: counter-clockwise degrees the display matrix asks for (0, ±90, 180); already
+        rotation: counter-clockwise degrees the display matrix asks for (0, 90, 180 or 270); already
             applied to the frames :func:`read_video` returns.
     """
 
