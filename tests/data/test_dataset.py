@@ -247,3 +247,54 @@ def test_eval_split_is_deterministic_and_disjoint(tokenizer, data_dir):
     rec_tr, rec_ev = train_eval_split(samples, 0.25, seed=3)
     assert [s.id for s in rec_tr] == [s.id for s in tr.samples]
     assert [s.id for s in rec_ev] == [s.id for s in ev.samples]
+
+
+def test_unreadable_record_file_or_nothing_left_is_fatal_even_when_skipping(tokenizer, data_dir, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "a", "conversations": []')  # cut-off JSON
+    kwargs = dict(
+        tokenizer=tokenizer,
+        template="v1",
+        media_counts=COUNTS,
+        pixel_spec=SPEC,
+        num_frames=T,
+        video_folder=data_dir,
+        image_folder=data_dir,
+        skip_bad_samples=True,
+    )
+    with pytest.raises(BadSamplesError, match=r"broken\.json") as info:
+        SupervisedDataset.from_paths([data_dir / "train.json", broken], **kwargs)
+    assert [p.kind for p in info.value.problems] == [ProblemKind.INVALID_FILE]
+    only_bad = _write(
+        tmp_path,
+        "only_bad.json",
+        [{"id": "m", "video": "videos/nope.mp4", "conversations": _turns("<video>\nWhat?")}],
+    )
+    with pytest.raises(BadSamplesError, match="nothing is left to train on"):
+        SupervisedDataset.from_paths(only_bad, **kwargs)
+
+
+def test_from_args_uses_the_model_config(tokenizer, data_dir):
+    from types import SimpleNamespace
+
+    from vidlora.config import DataArguments, ModelArguments
+    from vidlora.model.presets import build_config
+
+    config = build_config("tiny", tokenizer=tokenizer)
+    data_args = DataArguments(
+        data_path=[str(data_dir / "train.json")], video_folder=str(data_dir), image_folder=str(data_dir)
+    )
+    training_args = SimpleNamespace(model_max_length=2048, tokenizer_model_max_length=None)
+    ds = SupervisedDataset.from_args(ModelArguments(), data_args, training_args, tokenizer, config)
+    # tiny preset: 64 px, patch 16 -> 16 tokens per image, 8 x 17 per video
+    assert ds.media_counts == MediaTokenCounts(image=16, video=136) and ds.num_frames == 8
+    assert ds.pixel_spec.image_size == 64
+    item = ds[2]
+    assert item["pixel_values_videos"].shape == (1, 8, 3, 64, 64)
+    assert item["pixel_values_images"].shape == (2, 3, 64, 64)
+    # Same texts as with COUNTS, widened by the tiny preset's counts instead (v, i, vi, t).
+    small = [48, 41, 71, -35]
+    widen = [(136 - 12), (16 - 4), (136 - 12) + 2 * (16 - 4), 0]
+    assert ds.modality_lengths == [n + w if n > 0 else n for n, w in zip(small, widen, strict=True)]
+    with pytest.raises(ValueError, match="built for 8 frames"):
+        SupervisedDataset.from_args(ModelArguments(num_frames=4), data_args, training_args, tokenizer, config)

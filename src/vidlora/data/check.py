@@ -316,6 +316,8 @@ def run_check(
         "media": {
             "videos": {
                 "decoded": len(videos),
+                # Fewer frames than sampled: frames repeat (the original's linspace), not an error.
+                "shorter_than_num_frames": sum(1 for v in videos if v["num_frames"] < settings.num_frames),
                 "duration_s": _stats([v["duration_s"] for v in videos]),
                 "num_frames": _stats([v["num_frames"] for v in videos]),
                 "fps": _counter(round(v["fps"], 3) for v in videos),
@@ -402,6 +404,10 @@ def format_report(report: dict[str, Any]) -> str:
     if videos["decoded"]:
         d = videos["duration_s"]
         lines.append(f"    duration s: min {d['min']:.2f}  median {d['median']:.2f}  max {d['max']:.2f}")
+        if videos["shorter_than_num_frames"]:
+            lines.append(
+                f"    fewer frames than --num_frames (frames repeat): {videos['shorter_than_num_frames']}"
+            )
         for key in ("fps", "resolution", "codec", "rotation"):
             lines.append(f"    {key}: " + ", ".join(f"{k} ({v})" for k, v in videos[key].items()))
     lines.append(f"  images decoded: {images['decoded']}")

@@ -120,15 +120,17 @@ class SampleError(ValueError):
 class BadSamplesError(ValueError):
     """Construction found bad samples and ``skip_bad_samples`` is off; lists every problem."""
 
-    def __init__(self, problems: Sequence[SampleProblem], shown: int = 20) -> None:
+    def __init__(self, problems: Sequence[SampleProblem], shown: int = 20, note: str | None = None) -> None:
         self.problems = list(problems)
         lines = [f"  - {p.format()}" for p in self.problems[:shown]]
         if len(self.problems) > shown:
             lines.append(f"  ... and {len(self.problems) - shown} more")
-        super().__init__(
-            f"{len(self.problems)} bad sample(s):\n" + "\n".join(lines) + "\n"
+        advice = note or (
             "Fix them, or pass --skip_bad_samples True to drop (and count) them; "
             "`vidlora check` lists every problem including undecodable media."
+        )
+        super().__init__(
+            f"{len(self.problems)} problem(s) with the data:\n" + "\n".join(lines) + "\n" + advice
         )
 
 
@@ -266,7 +268,8 @@ class SupervisedDataset(Dataset):
         decode_timeout: seconds allowed to read one video.
         model_max_length / tokenizer_model_max_length: length limits (see :mod:`vidlora.data.tokenize`).
         skip_bad_samples: drop samples with construction-time problems (listed in ``skipped``)
-            instead of raising :class:`BadSamplesError`.
+            instead of raising :class:`BadSamplesError`. An unreadable record file, or every
+            sample being bad, still raises.
         check_files: ``stat`` every media file at construction (cheap; turns missing/empty files
             into construction-time problems rather than mid-epoch errors).
         prior_problems: problems found while reading the records (:func:`read_samples`); they
@@ -324,8 +327,13 @@ class SupervisedDataset(Dataset):
             if entry is not None:
                 entries.append(entry)
             problems += sample_problems
-        if problems and not skip_bad_samples:
-            raise BadSamplesError(problems)
+        # An unreadable record *file* is never skipped: it is a wrong path or a broken export,
+        # and training on the remaining files would silently lose a whole part of the data.
+        fatal = [p for p in problems if p.kind is ProblemKind.INVALID_FILE]
+        if (problems and not skip_bad_samples) or fatal:
+            raise BadSamplesError(problems if not skip_bad_samples else fatal)
+        if not entries and problems:
+            raise BadSamplesError(problems, note="every sample was skipped: nothing is left to train on")
         self._entries = entries
         #: Problems of the samples dropped at construction (empty unless ``skip_bad_samples``).
         self.skipped: list[SampleProblem] = problems
