@@ -1,0 +1,197 @@
+"""Inference: checkpoints load on their own, merge = adapter != base, batch = rows, legacy outputs load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vidlora.data.records import Turn
+from vidlora.data.synthetic import generate_dataset
+from vidlora.infer.generate import Generator, Request
+from vidlora.infer.load import load_for_inference
+from vidlora.infer.merge import merge
+from vidlora.infer.predict import build_parser, predict
+from vidlora.model.keymaps import from_ours
+from vidlora.model.loading import load_pretrained
+from vidlora.model.lora import apply_recipe, build_lora_config
+from vidlora.training.trainer import write_checkpoint_extras
+
+DATA_CONFIG = {"base_model": "tiny", "template": "v1", "num_frames": 8, "image_aspect_ratio": "pad"}
+
+
+def _perturbed_lora_model(seed: int = 1):
+    """The tiny model with LoRA whose B matrices and projector are moved off their init,
+    standing in for a trained adapter (LoRA B starts at zero, which would make merge trivial)."""
+    loaded = load_pretrained("tiny")
+    torch.manual_seed(seed)  # PEFT initialises lora_A from the global generator
+    model = apply_recipe(loaded.model, build_lora_config(8, 16, dropout=0.0))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model.eval()
+    return model, loaded.tokenizer
+
+
+def _save_adapter(model, tokenizer, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    write_checkpoint_extras(model, out, DATA_CONFIG)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    model, tokenizer = _perturbed_lora_model()
+    return _save_adapter(model, tokenizer, tmp_path_factory.mktemp("adapter") / "checkpoint-7")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, 8, 10, seed=3)
+    return out
+
+
+def _inputs(tokenizer, config, seed=0):
+    """A text+video input with exactly the expanded video tokens."""
+    ids = tokenizer("USER: what moves? ASSISTANT:")["input_ids"]
+    video = [config.video_token_id] * config.video_seq_length
+    input_ids = torch.tensor([ids[:1] + video + ids[1:]])
+    vc = config.video_config
+    pixels = torch.randn(1, vc.num_frames, 3, vc.image_size, vc.image_size, generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values_videos": pixels}
+
+
+@torch.no_grad()
+def test_merged_equals_adapter_and_differs_from_base(adapter_dir, tmp_path):
+    adapter = load_for_inference(str(adapter_dir))
+    base = load_pretrained("tiny").model.eval()
+    inputs = _inputs(adapter.tokenizer, base.config)
+    adapter_logits = adapter.model(**inputs).logits
+    merged_dir = merge(str(adapter_dir), None, str(tmp_path / "merged"), layout="ours", max_shard_size_mb=1)
+    assert (merged_dir / "model.safetensors.index.json").is_file()  # 1 MB shards: really sharded
+    assert json.loads((merged_dir / "vidlora_config.json").read_text())["template"] == "v1"
+    merged = load_for_inference(str(merged_dir))
+    merged_logits = merged.model(**inputs).logits
+    base_logits = base(**inputs).logits
+    # float32 merge (W + s·BA) vs. the adapter path (Wx + s·B(Ax)): rounding only.
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
+    assert (merged_logits - base_logits).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_checkpoint_dir_alone_restores_trained_tensors(adapter_dir):
+    trained, _ = _perturbed_lora_model()
+    loaded = load_for_inference(str(adapter_dir))
+    assert loaded.settings.template == "v1" and loaded.settings.num_frames == 8
+    expected = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+    got = dict(loaded.model.named_parameters())
+    assert len(expected) == 32  # 28 LoRA tensors (2 layers x 7 linears x A,B) + 4 projector tensors
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=0, rtol=0)
+
+
+def test_batch_equals_rows_one_by_one(adapter_dir, synth):
+    loaded = load_for_inference(str(adapter_dir))
+    generator = Generator(loaded)
+    records = json.loads((synth / "eval.json").read_text())
+    requests = []
+    for record in records[:6]:
+        turns = [Turn("human", record["conversations"][0]["value"])]
+        video = synth / record["video"] if "video" in record else None
+        images = [synth / record["image"]] if "image" in record else []
+        requests.append(Request(record["id"], turns, video, images))
+    modalities = {bool(r.video) * 2 + bool(r.images) for r in requests}
+    assert len(modalities) >= 2  # the batch mixes modalities
+    batched = generator.generate(requests, max_new_tokens=6)
+    alone = [generator.generate([r], max_new_tokens=6)[0] for r in requests]
+    assert batched == alone
+
+
+def test_predict_from_checkpoint_is_resumable(adapter_dir, synth, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    args = build_parser().parse_args(
+        ["--model_path", str(adapter_dir), "--data_path", str(synth / "eval.json"), "--video_folder", str(synth),
+         "--image_folder", str(synth), "--out", str(out), "--max_new_tokens", "4", "--batch_size", "4"]
+    )
+    predict(args, progress=False)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    records = json.loads((synth / "eval.json").read_text())
+    expected_turns = sum(sum(1 for t in r["conversations"] if t["from"] == "gpt") for r in records)
+    assert len(lines) == expected_turns
+    assert {line["id"] for line in lines} == {r["id"] for r in records}
+    # A rerun finds everything done and writes nothing new (no model is even loaded).
+    before = out.read_text()
+    predict(args, progress=False, loaded=object())
+    assert out.read_text() == before
+
+
+@torch.no_grad()
+def test_legacy_bin_outputs_load(tmp_path):
+    """The original's outputs: adapter_model.bin + non_lora_trainables.bin with its own key names."""
+    trained, tokenizer = _perturbed_lora_model(seed=5)
+    legacy = tmp_path / "videollava-7b-lora"
+    legacy.mkdir()
+    adapter, non_lora = {}, {}
+    for name, param in trained.named_parameters():
+        if not param.requires_grad:
+            continue
+        inner = name.removeprefix("base_model.model.")
+        if "lora_" in inner:
+            module, kind = inner.split(".lora_")
+            original = from_ours(module + ".weight", "original").removesuffix(".weight")
+            adapter[f"base_model.model.{original}.lora_{kind.replace('.default', '')}"] = param.clone()
+        else:
+            non_lora[f"base_model.model.{from_ours(inner, 'original')}"] = param.clone()
+    assert any(k.startswith("base_model.model.model.layers.0.self_attn.q_proj.lora_A") for k in adapter)
+    assert set(non_lora) == {f"base_model.model.model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+    torch.save(adapter, legacy / "adapter_model.bin")
+    torch.save(non_lora, legacy / "non_lora_trainables.bin")
+    (legacy / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none",
+         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+         "task_type": "CAUSAL_LM"}
+    ))
+    loaded = load_for_inference(str(legacy), "tiny")
+    inputs = _inputs(tokenizer, trained.get_base_model().config, seed=2)
+    torch.testing.assert_close(loaded.model(**inputs).logits, trained(**inputs).logits, atol=1e-5, rtol=1e-5)
+    # Only the LLM got LoRA, even though the legacy config names leaf modules the towers share.
+    tower_lora = [n for n, _ in loaded.model.named_parameters() if "lora_" in n and "tower" in n]
+    assert tower_lora == []
+
+
+@torch.no_grad()
+def test_merge_into_hf_layout_loads_in_transformers(tmp_path):
+    """A base without temporal attention (like the -hf port) merges into transformers' own class."""
+    from transformers import VideoLlavaForConditionalGeneration
+
+    from vidlora.model.modeling import VideoLlavaForCausalLM
+    from vidlora.model.presets import build_config
+    from vidlora.model.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = build_config("tiny", tokenizer=tokenizer)
+    config.video_config.add_time_attn = False
+    torch.manual_seed(0)
+    base = VideoLlavaForCausalLM(config).eval()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    torch.manual_seed(1)
+    model = apply_recipe(base, build_lora_config(8, 16, dropout=0.0))
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn_like(param))
+    model.eval()
+    adapter = _save_adapter(model, tokenizer, tmp_path / "adapter")
+    merged_dir = merge(str(adapter), str(base_dir), str(tmp_path / "merged_hf"))  # layout: hf by default
+    hf = VideoLlavaForConditionalGeneration.from_pretrained(merged_dir).eval()
+    inputs = _inputs(tokenizer, config, seed=4)
+    ours = model(**inputs).logits
+    theirs = hf(**inputs).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
