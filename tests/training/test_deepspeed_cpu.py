@@ -92,6 +92,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_launcher_env_is_required_before_deepspeed_starts(monkeypatch):
+    from vidlora.training.distributed import (
+        LauncherRequired,
+        init_deepspeed_distributed,
+        missing_launcher_env,
+    )
+
+    assert missing_launcher_env({}) == ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
+    assert missing_launcher_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h",
+                                 "MASTER_PORT": "1"}) == []
+    assert init_deepspeed_distributed(None) is False
+    monkeypatch.setenv("RANK", "0")
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LauncherRequired, match=r"missing environment: LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
+        init_deepspeed_distributed(str(ZERO3))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install 'vidlora[deepspeed]')")
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
