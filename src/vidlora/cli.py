@@ -21,7 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("vidlora.infer.predict", "batched generation over a dataset"),
     "merge": ("vidlora.infer.merge", "merge a LoRA checkpoint into its base model"),
     "eval": ("vidlora.eval.score", "score predictions (exact match, judge protocol)"),
-    "bench": ("vidlora.bench", "speed and memory benchmarks"),
 }
 
 
