@@ -306,6 +306,12 @@ def test_run_all_towers_adds_exact_zero_and_uses_the_same_parameters_as_a_media_
     with torch.no_grad():
         synced(**_batch([ROWS[1]]), pixel_values_images=images[:1])
     assert seen == ["image", "video"]
+    # Video-only batch: the image tower's dummy still runs *first*, so a rank holding a video and
+    # a rank holding an image call the towers in the same order (ZeRO-3 gathers in call order).
+    seen.clear()
+    with torch.no_grad():
+        synced(**_batch([ROWS[0]]), pixel_values_videos=videos[:1])
+    assert seen == ["image", "video"]
 
 
 def test_frozen_towers_run_without_autograd(model, media):

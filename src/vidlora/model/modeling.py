@@ -214,29 +214,36 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 
-    def _exercise_absent_towers(
-        self, inputs_embeds: torch.Tensor, has_images: bool, has_videos: bool
-    ) -> torch.Tensor:
-        """`config.run_all_towers`: run each tower absent from the batch on a one-item dummy input and add
-        exactly zero, so every rank runs (and, under ZeRO-3, gathers) the same parameters every step."""
-        zero = None
-        if self.image_tower is not None and not has_images:
+    def _dummy_features(self, modality: str) -> torch.Tensor:
+        """Exactly zero that depends on every parameter of one tower and the projector.
+
+        For `config.run_all_towers`: a rank whose batch lacks this modality still runs the tower
+        (and, under ZeRO-3, gathers its parameters) at the same point as the ranks that have it.
+        """
+        if modality == "image":
             size = self.config.image_config.image_size
-            dummy = torch.zeros(
-                1, 3, size, size, device=self.image_tower.device, dtype=self.image_tower.dtype
-            )
-            zero = self.get_image_features(dummy).float().sum() * 0.0
-        if self.video_tower is not None and not has_videos:
-            vc = self.config.video_config
-            dummy = torch.zeros(
-                1, vc.num_frames, 3, vc.image_size, vc.image_size,
-                device=self.video_tower.device, dtype=self.video_tower.dtype,
-            )  # fmt: skip
-            video_zero = self.get_video_features(dummy).float().sum() * 0.0
-            zero = video_zero if zero is None else zero + video_zero
-        if zero is None:
-            return inputs_embeds
-        return inputs_embeds + zero.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+            dummy = torch.zeros(1, 3, size, size, device=self.image_tower.device, dtype=self.image_tower.dtype)
+            return self.get_image_features(dummy).float().sum() * 0.0
+        vc = self.config.video_config
+        dummy = torch.zeros(
+            1, vc.num_frames, 3, vc.image_size, vc.image_size,
+            device=self.video_tower.device, dtype=self.video_tower.dtype,
+        )  # fmt: skip
+        return self.get_video_features(dummy).float().sum() * 0.0
+
+    def _add_media(self, input_ids, inputs_embeds, pixel_values_images, pixel_values_videos) -> torch.Tensor:
+        """Scatter image then video features; with `run_all_towers`, run an absent modality's tower on
+        a dummy input *in the same place*, so every rank calls the towers in the same order."""
+        modalities = (
+            ("image", self.image_tower, self.config.image_token_id, pixel_values_images, self.get_image_features),
+            ("video", self.video_tower, self.config.video_token_id, pixel_values_videos, self.get_video_features),
+        )
+        for modality, tower, token_id, pixels, features_fn in modalities:
+            inputs_embeds = self._scatter(modality, input_ids, inputs_embeds, token_id, pixels, features_fn)
+            if self.config.run_all_towers and pixels is None and tower is not None:
+                zero = self._dummy_features(modality)
+                inputs_embeds = inputs_embeds + zero.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        return inputs_embeds
 
     # ---- forward --------------------------------------------------------------------------------
 
@@ -288,20 +295,11 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
             # id; it is then an ordinary token, not a slot for features.
             decoding = cache is not None and cache.get_seq_length() > 0 and not (has_images or has_videos)
             if not decoding:
-                inputs_embeds = self._scatter(
-                    "image", input_ids, inputs_embeds, self.config.image_token_id,
-                    pixel_values_images, self.get_image_features,
-                )  # fmt: skip
-                inputs_embeds = self._scatter(
-                    "video", input_ids, inputs_embeds, self.config.video_token_id,
-                    pixel_values_videos, self.get_video_features,
-                )  # fmt: skip
+                inputs_embeds = self._add_media(input_ids, inputs_embeds, pixel_values_images, pixel_values_videos)
         elif has_images or has_videos:
             raise ValueError(
                 "media pixels need input_ids (their placeholder positions are read from the ids)"
             )
-        if self.config.run_all_towers:
-            inputs_embeds = self._exercise_absent_towers(inputs_embeds, has_images, has_videos)
         return self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
