@@ -298,3 +298,22 @@ def test_from_args_uses_the_model_config(tokenizer, data_dir):
     assert ds.modality_lengths == [n + w if n > 0 else n for n, w in zip(small, widen, strict=True)]
     with pytest.raises(ValueError, match="built for 8 frames"):
         SupervisedDataset.from_args(ModelArguments(num_frames=4), data_args, training_args, tokenizer, config)
+
+
+def test_dataloader_worker_processes_give_the_same_batches(tokenizer, data_dir):
+    from torch.utils.data import DataLoader
+
+    from vidlora.data.collate import MultimodalCollator
+
+    ds = _dataset(load_records(data_dir / "train.json"), tokenizer, data_dir)
+    ds[0]  # decode in the parent first: workers must not inherit a broken thread pool
+    collate = MultimodalCollator(pad_token_id=tokenizer.pad_token_id)
+    serial = list(DataLoader(ds, batch_size=2, collate_fn=collate))
+    parallel = list(DataLoader(ds, batch_size=2, collate_fn=collate, num_workers=2))
+    assert len(serial) == len(parallel) == 2
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert serial[1]["pixel_values_videos"].shape == (1, T, 3, 16, 16)  # vi's video; t has none
+    assert serial[1]["pixel_values_images"].shape == (2, 3, 16, 16)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -334,6 +335,10 @@ def run_check(
     }
 
 
+def _single_threaded() -> None:
+    torch.set_num_threads(1)
+
+
 def _decode_all(jobs: list[MediaJob], workers: int, progress: bool) -> list[MediaResult]:
     bar = tqdm(total=len(jobs), desc="check media", unit="sample", disable=not progress, file=sys.stderr)
     with bar:
@@ -343,10 +348,13 @@ def _decode_all(jobs: list[MediaJob], workers: int, progress: bool) -> list[Medi
                 results.append(check_media(job))
                 bar.update(1)
             return results
-        # spawn, not fork: the parent's tokenizers/torch thread pools do not survive a fork
-        # (a forked worker can deadlock on a lock held by a thread that no longer exists).
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        # Forked workers start in milliseconds (spawn re-imports torch and transformers in each).
+        # A forked child must not use the OpenMP pool the parent already started (it hangs), so
+        # each worker runs torch single-threaded, as torch's own DataLoader workers do.
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_single_threaded
+        ) as pool:
             results = []
             # map keeps input order; chunks amortise the inter-process round trips.
             for result in pool.map(check_media, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
