@@ -40,6 +40,20 @@ def load_dtype(train_args: TrainingArguments) -> torch.dtype:
     return torch.float32
 
 
+def set_trainable_dtype(model: torch.nn.Module, dtype: torch.dtype, *, deepspeed: bool) -> None:
+    """Precision of what trains.
+
+    DeepSpeed keeps its own fp32 master copies and wants one dtype for all trainable parameters
+    (PEFT makes adapters fp32 even on a bf16 model), so everything trainable takes the training
+    dtype. Without DeepSpeed the optimizer updates the parameters themselves, so trainables stay
+    in fp32 (the Trainer's autocast runs the bf16/fp16 compute) and small updates are not lost.
+    """
+    target = dtype if deepspeed else torch.float32
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != target:
+            param.data = param.data.to(target)
+
+
 def prepare_model(model_args: ModelArguments, train_args: TrainingArguments):
     """Load the model and tokenizer, apply the training recipe; returns (model, tokenizer, base_config)."""
     from vidlora.model.loading import load_pretrained
@@ -93,6 +107,7 @@ def prepare_model(model_args: ModelArguments, train_args: TrainingArguments):
     model = apply_recipe(model, lora_config, train_llm=not (model_args.freeze_backbone or model_args.tune_mm_mlp_adapter))
     if train_args.freeze_mm_mlp_adapter:
         base.mm_projector.requires_grad_(False)
+    set_trainable_dtype(model, load_dtype(train_args), deepspeed=bool(train_args.deepspeed))
     if train_args.gradient_checkpointing:
         # LoRA leaves the embeddings frozen; without inputs that require grad, re-entrant
         # checkpointing would cut the graph and the adapters would get no gradient.
