@@ -28,16 +28,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vidlora.data import records as records_module
 from vidlora.data.media import MediaError, read_image, read_video
-from vidlora.data.records import RecordError, Sample, load_records, resolve_media
+from vidlora.data.records import RecordError, Sample, read_records, resolve_media
 from vidlora.data.templates import Template, get_template
 from vidlora.data.tokenize import MediaTokenCounts, TokenizationError, TokenizedSample, tokenize_sample
 from vidlora.data.transforms import PixelSpec, preprocess_image, preprocess_video
@@ -62,6 +61,10 @@ class ProblemKind(str, Enum):
     UNREADABLE_MEDIA = "unreadable_media"  # truncated, corrupt, or not a video/image at all
     DECODE_TIMEOUT = "decode_timeout"
     TOKENIZATION = "tokenization"  # template does not fit, or a length limit would cut media / all answers
+    DUPLICATE_ID = "duplicate_id"  # only with duplicate_ids="error"
+
+
+_KINDS = frozenset(k.value for k in ProblemKind)
 
 
 @dataclass(frozen=True)
@@ -138,47 +141,22 @@ class BadSamplesError(ValueError):
 
 
 def record_problem(err: RecordError) -> SampleProblem:
-    """Turn a :class:`RecordError` into a problem with its category."""
-    if err.index is None:
-        kind = ProblemKind.INVALID_FILE
-    elif "placeholder" in err.reason:
-        # records.py words every placeholder/media count mismatch this way (its only structured
-        # handle is `field`, which is "conversations" for other conversation problems too).
-        kind = ProblemKind.PLACEHOLDER_MISMATCH
-    else:
-        kind = ProblemKind.INVALID_RECORD
+    """Turn a :class:`RecordError` into a problem; its ``kind`` names the category."""
+    kind = ProblemKind(err.kind) if err.kind in _KINDS else ProblemKind.INVALID_RECORD
     return SampleProblem(kind, err.reason, err.sample_id, err.index, str(err.file), None)
 
 
-def read_samples(paths: Sequence[str | Path] | str | Path) -> tuple[list[Sample], list[SampleProblem]]:
-    """Read record files like :func:`load_records`, but collect every invalid record instead of stopping.
+def read_samples(
+    paths: Sequence[str | Path] | str | Path, duplicate_ids: Literal["warn", "error"] = "warn"
+) -> tuple[list[Sample], list[SampleProblem]]:
+    """Read record files collecting every invalid record (:func:`~vidlora.data.records.read_records`).
 
     Returns:
         ``(valid samples in file order, problems)``; an unreadable/non-JSON file is one
         ``invalid_file`` problem and contributes no samples.
     """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    try:
-        return load_records(paths), []
-    except RecordError:
-        pass  # at least one problem: read again record by record to find all of them
-    samples: list[Sample] = []
-    problems: list[SampleProblem] = []
-    for path in map(Path, paths):
-        try:
-            # records.py has no public per-record parser yet (load_records stops at the first
-            # invalid record); these two helpers are its own reading and validation steps.
-            objects = records_module._read_objects(path)
-        except RecordError as err:
-            problems.append(record_problem(err))
-            continue
-        for index, obj in enumerate(objects):
-            try:
-                samples.append(records_module._parse_sample(obj, path, index, True))
-            except RecordError as err:
-                problems.append(record_problem(err))
-    return samples, problems
+    samples, errors = read_records(paths, duplicate_ids=duplicate_ids)
+    return samples, [record_problem(err) for err in errors]
 
 
 # -- media ------------------------------------------------------------------------------------
@@ -253,7 +231,8 @@ class SupervisedDataset(Dataset):
     Each item is a dict: ``id`` (str), ``input_ids`` and ``labels`` (1-D LongTensors of the
     expanded length), ``pixel_values_videos`` float32 ``[1, T, 3, S, S]`` when the sample has a
     video, ``pixel_values_images`` float32 ``[n_images, 3, S, S]`` when it has images (in record
-    order, which records.py guarantees is the text order); absent keys mean no such media.
+    order: the k-th ``<image>`` in the text is the k-th listed image, the original's convention);
+    absent keys mean no such media.
 
     Args:
         samples: validated samples (from :func:`load_records` / :func:`read_samples`).
@@ -406,7 +385,8 @@ class SupervisedDataset(Dataset):
         try:
             video, images = resolve_media(sample, self.video_folder, self.image_folder, self.allow_outside)
         except RecordError as err:
-            return None, [problem(ProblemKind.BAD_PATH, err.reason, record_field_path(sample, err.field))]
+            kind = ProblemKind(err.kind) if err.kind in _KINDS else ProblemKind.BAD_PATH
+            return None, [problem(kind, err.reason, record_field_path(sample, err.field))]
         if check_files:
             for path in ([video] if video is not None else []) + images:
                 found = stat_problem(path)
