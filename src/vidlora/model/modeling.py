@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPVisionEmbeddings
 
 from vidlora.model.config import MODEL_TYPE, VideoLlavaConfig
@@ -63,7 +64,12 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
         for tower_config in (config.image_config, config.video_config):
             if tower_config is not None and tower_config._attn_implementation is None:
                 tower_config._attn_implementation = config._attn_implementation
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # The class itself, not `from_config`: under a ZeRO-3 config `from_config` would build the LLM
+        # inside deepspeed.zero.Init (partitioned, rank-dependent random init) while the towers are
+        # whole. The loader assigns checkpoint weights into a whole model; DeepSpeed partitions it
+        # when the engine starts.
+        llm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+        self.language_model = llm_class(config.text_config)
         self.image_tower = ClipVisionTower(config.image_config) if config.image_config is not None else None
         self.video_tower = (
             LanguageBindVideoTower(config.video_config) if config.video_config is not None else None
