@@ -320,3 +320,12 @@ def test_checkpointed_qlora_step_reaches_the_adapters(bnb, tiny, batch):
     for name in _llm_linear_names():
         grad = model.base_model.model.get_submodule(name).lora_B["default"].weight.grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_parameter_counts_are_unchanged_by_4bit_packing(bnb, tiny):
+    from vidlora.model.info import count_parameters
+
+    before = count_parameters(tiny).parts
+    after = count_parameters(_quantized(tiny, bits=4)).parts
+    assert after == before
+    assert before["language_model"] == 554_880  # the tiny LLM (hand count in tests/model/test_info.py)

@@ -68,6 +68,14 @@ def lora_parameter_count(model: nn.Module, r: int) -> int:
     return total
 
 
+def _numel(param: nn.Parameter) -> int:
+    """Logical element count: bitsandbytes packs two 4-bit weights per byte (as transformers'
+    ``num_parameters`` counts them)."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2
+    return param.numel()
+
+
 def count_parameters(model: nn.Module, lora_r: int | None = None, *, from_flags: bool = False) -> ParameterCounts:
     """Count `model`'s parameters per part and split them as the recipe trains them.
 
@@ -82,15 +90,15 @@ def count_parameters(model: nn.Module, lora_r: int | None = None, *, from_flags:
     injected = 0
     flagged = 0
     for name, param in model.named_parameters():  # named_parameters drops tied duplicates
-        flagged += param.numel() if param.requires_grad else 0
+        flagged += _numel(param) if param.requires_grad else 0
         name = name.removeprefix("base_model.model.")
         if ".lora_" in name:
-            injected += param.numel()
+            injected += _numel(param)
             continue
         part = keymaps.part_of(name.replace(".base_layer.", "."))
         if part == "other":
             raise ValueError(f"parameter {name!r} belongs to no known part of a VideoLlavaForCausalLM")
-        counts.parts[part] += param.numel()
+        counts.parts[part] += _numel(param)
     if injected:
         counts.lora = injected
     elif lora_r is not None:
