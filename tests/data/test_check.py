@@ -166,21 +166,52 @@ def test_workers_give_the_same_report(clean, tmp_path):
 
 def test_length_limits_count_truncated_and_rejected(clean, tmp_path):
     report_path = tmp_path / "r.json"
-    # Every synthetic text is longer than 40 tokens; cutting at 40 removes every answer.
-    assert (
-        main(_args(clean, clean / "train.json", report=report_path, extra=["--model_max_length", "40"])) == 1
-    )
+    assert main(_args(clean, clean / "train.json", report=report_path)) == 0
+    text = [info["text_tokens"] for info in json.loads(report_path.read_text())["samples"]]
+    longest = max(text)
+    # One token less than the longest: those samples lose their final "</s>" but keep trained
+    # tokens, so they are truncated, not rejected.
+    extra = ["--model_max_length", str(longest - 1)]
+    assert main(_args(clean, clean / "train.json", report=report_path, extra=extra)) == 0
     report = json.loads(report_path.read_text())
-    assert report["tokens"]["rejected"] == N_TRAIN
+    assert report["tokens"]["truncated"] == text.count(longest) and report["tokens"]["rejected"] == 0
+    assert [info["truncated"] for info in report["samples"]] == [n == longest for n in text]
+    # Every synthetic text is longer than 40 tokens and its first answer starts later: all rejected.
+    assert min(text) > 40
+    extra = ["--model_max_length", "40"]
+    assert main(_args(clean, clean / "train.json", report=report_path, extra=extra)) == 1
+    report = json.loads(report_path.read_text())
+    assert report["tokens"]["rejected"] == N_TRAIN and report["tokens"]["truncated"] == 0
     assert {p["kind"] for p in report["problems"]} == {"tokenization"}
-    longest = int(report["tokens"]["text"]["max"])
-    assert main(
-        _args(clean, clean / "train.json", report=report_path, extra=["--model_max_length", str(longest - 1)])
-    ) in (0, 1)
-    report = json.loads(report_path.read_text())
-    assert report["tokens"]["truncated"] + report["tokens"]["rejected"] >= 1
+    assert all("no trained tokens left" in p["reason"] for p in report["problems"])
 
 
 def test_wrong_num_frames_is_a_usage_error(clean, capsys):
     assert main(_args(clean, clean / "train.json", extra=["--num_frames", "4"])) == 2
     assert "built for 8 frames" in capsys.readouterr().err
+
+
+def test_checkpoint_directory_gives_tokenizer_and_counts_without_weights(clean, tmp_path):
+    from vidlora.model.presets import build_config
+    from vidlora.model.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    small = {"image_size": 32}
+    config = build_config(
+        "tiny", tokenizer=tokenizer, image_config=small, video_config={**small, "num_frames": 4}
+    )
+    checkpoint = tmp_path / "ckpt"  # config + tokenizer only: check must not need weights
+    config.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    report_path = tmp_path / "r.json"
+    argv = _args(
+        clean, clean / "train.json", report=report_path, extra=["--model_name_or_path", str(checkpoint)]
+    )
+    assert main(argv) == 0
+    report = json.loads(report_path.read_text())
+    # 32 px / patch 16 -> 4 tokens per image; 4 frames x (4 + 1) = 20 per video
+    assert report["settings"]["media_token_counts"] == {"image": 4, "video": 20}
+    assert report["settings"]["num_frames"] == 4 and report["settings"]["image_size"] == 32
+    records = json.loads((clean / "train.json").read_text())
+    for info, r in zip(report["samples"], records, strict=True):
+        assert info["expanded_tokens"] - info["text_tokens"] == 19 * ("video" in r) + 3 * ("image" in r)

@@ -109,8 +109,8 @@ def check_media(job: MediaJob) -> MediaResult:
         else:
             try:
                 info = probe_video(path, timeout_s=job.timeout_s)
-                result.video = asdict(info)
                 load_video(path, job.num_frames, job.spec, job.timeout_s)
+                result.video = asdict(info)  # only videos that decode enter the statistics
             except (MediaError, TimeoutError, ValueError) as exc:
                 failed(path, exc)
     for image in job.images:
@@ -281,10 +281,7 @@ def run_check(
     bad_keys = {(p.source, p.index) for p in problems}
     for info in infos:
         info.ok = (info.source, info.index) not in bad_keys
-    bad_ids = []
-    for p in problems:
-        if p.sample_id is not None and p.sample_id not in bad_ids:
-            bad_ids.append(p.sample_id)
+    bad_ids = list(dict.fromkeys(p.sample_id for p in problems if p.sample_id is not None))
     id_counts = Counter(s.id for s in samples)
     text_lengths = [i.text_tokens for i in infos if i.text_tokens is not None]
     expanded = [i.expanded_tokens for i in infos if i.expanded_tokens is not None]
