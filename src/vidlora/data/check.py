@@ -224,7 +224,8 @@ def run_check(
     invalid_files = len(problems) - invalid_records
     infos: list[SampleInfo] = []
     jobs: list[tuple[int, MediaJob]] = []
-    for sample in samples:
+    records_bar = tqdm(samples, desc="check records", unit="sample", disable=not progress, file=sys.stderr)
+    for sample in records_bar:
         info = SampleInfo(sample.id, str(sample.source), sample.index, modality_of(sample))
         infos.append(info)
         try:
