@@ -195,3 +195,25 @@ def test_merge_into_hf_layout_loads_in_transformers(tmp_path):
     ours = model(**inputs).logits
     theirs = hf(**inputs).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_chat_keeps_the_conversation_and_answers_like_generate(adapter_dir, synth):
+    from vidlora.infer.chat import chat_loop, first_message, split_files
+
+    records = json.loads((synth / "eval.json").read_text())
+    record = next(r for r in records if "video" in r)
+    video, images = split_files([str(synth / record["video"])])
+    assert video is not None and images == []
+    generator = Generator(load_for_inference(str(adapter_dir)))
+    lines = iter(["what moves?", "which way?", ""])
+    written: list[str] = []
+    turns = chat_loop(generator, video, images, lambda: next(lines), written.append,
+                      max_new_tokens=5, temperature=0.0)
+    assert [t.role for t in turns] == ["human", "gpt", "human", "gpt"]
+    assert turns[0].value == "<video>\nwhat moves?" and turns[2].value == "which way?"
+    # The second answer saw the first exchange: it equals a one-shot generate of the same history.
+    again = generator.generate([Request("x", turns[:3], video, [])], max_new_tokens=5)[0]
+    assert turns[3].value == again and written == [turns[1].value + "\n", turns[3].value + "\n"]
+    assert first_message("hi", None, []) == "hi"
+    with pytest.raises(ValueError, match="unknown extension"):
+        split_files([str(synth / "eval.json")])
