@@ -1,0 +1,158 @@
+"""`vidlora train` end to end on the tiny model: the seed's flags parse, bad flags are all reported
+before any model loads, a NaN stops training without checkpointing the broken weights, and the
+QLoRA (`--bits 4`) and rank-128 variants of the seed's command train on the CPU.
+
+Fixtures (`seed_argv`, `train_in_process`, `synth_dir`) come from conftest.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from vidlora.config import ArgumentProblems, parse_train_args
+from vidlora.train import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ZERO3 = ROOT / "configs" / "zero3.json"
+
+
+def _logged_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _refuse_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any model load fail loudly, to prove argument checks come first."""
+    import vidlora.model.loading
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(vidlora.model.loading, "load_pretrained", fail)
+
+
+# -- argument handling (no training) ----------------------------------------------------------------
+
+
+def test_every_flag_of_the_seed_command_is_accepted(seed_argv, tmp_path):
+    model, data, train = parse_train_args(seed_argv(tmp_path / "out"), cuda_available=False)
+
+    assert (model.model_name_or_path, model.version, model.X) == ("tiny", "v1", ["Video", "Image"])
+    assert (model.mm_projector_type, model.mm_vision_select_layer) == ("mlp2x_gelu", -2)
+    assert model.mm_use_x_start_end is False and model.mm_use_x_patch_token is False
+    assert data.data_path == [str(Path(data.video_folder) / "train.json")]
+    assert data.video_folder == data.image_folder and data.image_aspect_ratio == "pad"
+    assert data.lazy_preprocess is True
+    assert (train.lora_enable, train.lora_r, train.lora_alpha) == (True, 8, 16)
+    assert train.group_by_modality_length is True and train.bf16 is False and train.tf32 is False
+    assert (train.per_device_train_batch_size, train.per_device_eval_batch_size) == (2, 2)
+    assert train.gradient_accumulation_steps == 2 and train.num_train_epochs == 1
+    assert (train.save_steps, train.save_total_limit, train.logging_steps) == (5, 1, 1)
+    assert train.learning_rate == 2e-4 and train.weight_decay == 0.0
+    assert str(train.lr_scheduler_type.value) == "cosine" and str(train.save_strategy.value) == "steps"
+    assert train.model_max_length == 2048 and train.gradient_checkpointing is True
+    assert train.dataloader_num_workers == 0 and train.report_to == []
+    assert Path(train.cache_dir).is_dir()
+    # No GPU here: the Trainer is told to use the CPU.
+    assert train.use_cpu is True
+
+
+def test_old_flag_names_map_to_the_new_ones(seed_argv, tmp_path):
+    _, _, train = parse_train_args(seed_argv(tmp_path / "out"), cuda_available=False)
+    # --evaluation_strategy epoch -> eval_strategy; --warmup_ratio 0.03 -> warmup_steps 0.03
+    # (transformers 5 reads a warmup_steps below 1 as a fraction of all steps).
+    assert str(train.eval_strategy.value) == "epoch"
+    assert train.warmup_steps == pytest.approx(0.03)
+
+
+def test_every_problem_is_reported_at_once(seed_argv, tmp_path, monkeypatch):
+    _refuse_model_loading(monkeypatch)
+    argv = seed_argv(tmp_path / "out", tf32="True", report_to="wandb", bits="3", data_path=None)
+    at = argv.index("--X")
+    argv[at + 1 : at + 3] = ["Video", "Audio"]
+    with pytest.raises(ArgumentProblems) as caught:
+        parse_train_args(argv, cuda_available=False)
+    problems = caught.value.problems
+    expected = ["--X Video Audio", "--bits 3", "--data_path is required", "--tf32 True"]
+    if importlib.util.find_spec("wandb") is None:
+        expected.append("--report_to wandb")
+    assert len(problems) == len(expected), problems
+    for start in expected:
+        assert sum(p.startswith(start) for p in problems) == 1, (start, problems)
+
+
+def test_qlora_with_zero3_is_refused_with_the_other_problems(seed_argv, tmp_path):
+    argv = seed_argv(tmp_path / "out", bits="4", deepspeed=str(ZERO3), tf32="True")
+    with pytest.raises(ArgumentProblems) as caught:
+        parse_train_args(argv, cuda_available=False)
+    problems = caught.value.problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("--bits 4 with a ZeRO-3 config") and "zero2.json" in problems[0]
+    assert problems[1].startswith("--tf32 True")
+
+
+def test_main_returns_2_and_prints_every_problem(seed_argv, tmp_path, monkeypatch, capsys):
+    _refuse_model_loading(monkeypatch)
+    argv = seed_argv(tmp_path / "out", bits="3", data_path=None, num_frames="0")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "vidlora train: 3 problem(s) with the arguments:" in err
+    for text in ("--bits 3: use 4, 8 or 16.", "--data_path is required", "--num_frames 0: must be at least 1."):
+        assert text in err
+    assert not (tmp_path / "out").exists()
+
+
+# -- training variants ------------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_training_and_keeps_only_earlier_checkpoints(seed_argv, tmp_path, capsys):
+    # No warmup and an absurd learning rate: step 1's update (lr 1e10) wrecks the weights, so the
+    # loss of step 2 is not finite. Checkpoints every step: checkpoint-1 is the last good one.
+    out = tmp_path / "out"
+    argv = seed_argv(
+        out, learning_rate="1e10", warmup_ratio="0", max_grad_norm="0", save_steps="1",
+        save_total_limit=None, max_steps="3", evaluation_strategy="no", disable_tqdm="True",
+    )  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    message = next(line for line in err.splitlines() if line.startswith("vidlora train: training stopped"))
+    assert message.startswith("vidlora train: training stopped at step 2: the training loss is ")
+    assert "the latest checkpoint, checkpoint-1, is from before the failure" in message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (out / "adapter_model.safetensors").exists()  # no final save of the broken weights
+
+
+def test_rank_128_lora_trains_and_the_loss_falls(seed_argv, train_in_process, tmp_path):
+    # The seed's rank/alpha on the tiny model (hidden size 128: r equals the width). A higher
+    # learning rate than the seed's so 8 steps show learning: the answers come from a closed set.
+    argv = seed_argv(
+        tmp_path / "out", lora_r="128", lora_alpha="256", learning_rate="2e-3", max_steps="8",
+        per_device_train_batch_size="2", gradient_accumulation_steps="1", save_steps="8",
+        evaluation_strategy="no",
+    )  # fmt: skip
+    trainer = train_in_process(argv)
+    losses = _logged_losses(trainer)
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 1.0, losses
+    adapter = trainer.model.peft_config["default"]
+    assert (adapter.r, adapter.lora_alpha) == (128, 256)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_qlora_4bit_trains_on_cpu_and_writes_a_checkpoint(seed_argv, train_in_process, tmp_path):
+    out = tmp_path / "out"
+    argv = seed_argv(out, bits="4", max_steps="2", save_steps="2", evaluation_strategy="no")
+    trainer = train_in_process(argv)
+    losses = _logged_losses(trainer)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    ckpt = out / "checkpoint-2"
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors", "vidlora_config.json"):
+        assert (ckpt / name).is_file(), name
+    import bitsandbytes as bnb
+
+    base = trainer.model.get_base_model()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.language_model.modules())
