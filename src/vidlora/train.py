@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,34 +52,6 @@ def set_trainable_dtype(model: torch.nn.Module, dtype: torch.dtype, *, deepspeed
     for param in model.parameters():
         if param.requires_grad and param.dtype != target:
             param.data = param.data.to(target)
-
-
-@contextmanager
-def whole_model_construction(train_args: TrainingArguments) -> Iterator[None]:
-    """Build models whole even under a ZeRO-3 config; DeepSpeed partitions them when training starts.
-
-    With a ZeRO-3 config, transformers builds every model made through ``from_config`` (our LLM
-    inside VideoLlavaForCausalLM) inside ``deepspeed.zero.Init``, which partitions each parameter as
-    soon as its module exists. Our loader builds on the meta device and assigns the checkpoint's
-    tensors afterwards, which ``zero.Init`` cannot partition ("Cannot copy out of meta tensor"): no
-    checkpoint directory loaded under ZeRO-3. A random preset built that way also got different
-    weights than the same preset built in one process. Switching transformers' ZeRO-3 flag off for
-    the construction (its own setters; restored afterwards) gives every launch mode the same whole
-    weights, and ``deepspeed.initialize`` partitions them. The cost: each rank holds the whole model
-    in host memory until then (7B in bf16: 14 GB per rank).
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    # TrainingArguments registered this object as transformers' active DeepSpeed config.
-    config = getattr(train_args, "hf_deepspeed_config", None)
-    if config is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
-        yield
-        return
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def prepare_model(model_args: ModelArguments, train_args: TrainingArguments):
@@ -213,8 +183,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     set_seed(train_args.seed)
     # ZeRO-3 builds models inside deepspeed.zero.Init, which needs DeepSpeed's process group first.
     init_deepspeed_distributed(train_args.deepspeed, train_args.ddp_timeout)
-    with whole_model_construction(train_args):
-        model, tokenizer, model_config = prepare_model(model_args, train_args)
+    model, tokenizer, model_config = prepare_model(model_args, train_args)
     if train_args.should_log:
         print(trainable_report(model), file=sys.stderr)
     train_set, eval_set = build_datasets(model_args, data_args, train_args, tokenizer, model_config)

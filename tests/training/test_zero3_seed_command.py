@@ -1,0 +1,157 @@
+"""The seed's command under DeepSpeed ZeRO-3 with two CPU processes equals one process.
+
+Two runs of the seed's flags on the tiny model, same seed, same global batch of 4 samples per step:
+
+* ZeRO-3: `deepspeed --num_gpus 2 --module vidlora.train --deepspeed configs/zero3.json`,
+  per-device batch 1 x 2 processes x accumulation 2 (a subprocess, gloo on the CPU);
+* one process, in-process: per-device batch 1 x accumulation 4.
+
+Why they can be equal: the grouped sampler's megabatch is `per_device x world x accum` = 4 samples
+in both, cut into `world x accum` = 4 balanced one-sample micro-batches, so both runs see the same
+index sequence; the dataloader deals micro-batch j of a step to rank j mod 2, so each step trains on
+the same 4 samples; the Trainer normalises the loss by the step's trained-token count gathered over
+ranks, so the gradient is the same sum; the model is built whole in both modes (the LLM from its
+class, never inside zero.Init) so the tiny preset's weights are the same; `--lora_dropout 0` and fp32
+(`--bf16 False`) leave nothing random or rounded differently except the order of float sums
+(all-reduce across ranks vs local accumulation), hence the tolerance below.
+
+The dataset has video and image samples only. With text-only samples the runs differ by design, not
+by a bug: in a text-only step the projector gets no gradient. One process leaves its `.grad` at
+None and AdamW skips it; DeepSpeed keeps flat fp32 gradient buffers, hands AdamW a zero gradient and
+AdamW still moves the projector by its momentum (and decays its moments). From that step on the
+projector, and so the losses, differ.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+ZERO3 = ROOT / "configs" / "zero3.json"
+NON_LORA = "non_lora_trainables.safetensors"
+# 16 samples, one held out for evaluation: 15 multimodal samples padded to 16 -> 4 steps of 4.
+STEPS = 4
+# fp32 sums in another order (cross-rank reduction vs local accumulation), carried through 4 AdamW
+# steps of at most lr = 2e-4 each: measured differences are ~1e-8.
+TENSOR_TOL = 1e-6
+LOSS_TOL = 1e-5
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed"),
+    pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log(history: list[dict], key: str) -> list[float]:
+    return [entry[key] for entry in history if key in entry]
+
+
+@pytest.fixture(scope="module")
+def media_only_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vidlora.data.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth_media")
+    generate_dataset(out, 16, 4, 0, mix={"video": 0.6, "image": 0.3, "video+image": 0.1})
+    return out
+
+
+@pytest.fixture(scope="module")
+def both_runs(media_only_dir, seed_argv, train_in_process, tmp_path_factory):
+    """Run ZeRO-3 (2 processes) and one process; returns (zero3 dir, one-process dir, one-process trainer)."""
+    data = {
+        "data_path": str(media_only_dir / "train.json"),
+        "video_folder": str(media_only_dir),
+        "image_folder": str(media_only_dir),
+        "lora_dropout": "0",
+        "save_steps": "2",
+        "per_device_eval_batch_size": "1",
+        "disable_tqdm": "True",
+    }
+    zero3_dir = tmp_path_factory.mktemp("zero3")
+    argv = seed_argv(
+        zero3_dir, **data, per_device_train_batch_size="1", gradient_accumulation_steps="2", deepspeed=str(ZERO3)
+    )
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "vidlora.train", *argv]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+
+    single_dir = tmp_path_factory.mktemp("single")
+    single = train_in_process(
+        seed_argv(single_dir, **data, per_device_train_batch_size="1", gradient_accumulation_steps="4")
+    )
+    return zero3_dir, single_dir, single
+
+
+def test_zero3_checkpoints_are_complete_and_whole(both_runs):
+    zero3_dir, single_dir, _ = both_runs
+    # The seed's --save_total_limit 1: only the newest checkpoint stays.
+    assert sorted(p.name for p in zero3_dir.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]
+    for directory in (zero3_dir / f"checkpoint-{STEPS}", zero3_dir):
+        for name in ("adapter_config.json", "adapter_model.safetensors", NON_LORA, "config.json",
+                     "vidlora_config.json", "tokenizer.json", "tokenizer_config.json"):  # fmt: skip
+            assert (directory / name).is_file(), directory / name
+        data = json.loads((directory / "vidlora_config.json").read_text())
+        assert (data["template"], data["num_frames"], data["image_aspect_ratio"]) == ("v1", 8, "pad")
+        # Gathered from both ranks: full shapes, as in the one-process run, never a rank's shard.
+        for name in ("adapter_model.safetensors", NON_LORA):
+            got = load_file(str(directory / name))
+            want = load_file(str(single_dir / name))
+            assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in want.items()}
+        assert all(key.startswith("mm_projector.") for key in load_file(str(directory / NON_LORA)))
+
+
+def test_zero3_losses_and_tensors_equal_one_process(both_runs):
+    zero3_dir, single_dir, single = both_runs
+    zero3_history = json.loads((zero3_dir / "trainer_state.json").read_text())["log_history"]
+    one_history = single.state.log_history
+    assert len(_log(zero3_history, "loss")) == STEPS
+    assert _log(zero3_history, "trained_tokens") == _log(one_history, "trained_tokens")
+    assert _log(zero3_history, "loss") == pytest.approx(_log(one_history, "loss"), abs=LOSS_TOL)
+    assert _log(zero3_history, "eval_loss") == pytest.approx(_log(one_history, "eval_loss"), abs=LOSS_TOL)
+    for name in ("adapter_model.safetensors", NON_LORA):
+        got, want = load_file(str(zero3_dir / name)), load_file(str(single_dir / name))
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].dtype == torch.float32
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=TENSOR_TOL, msg=f"{name}: {key}")
+        # The last checkpoint is the final step.
+        last = load_file(str(zero3_dir / f"checkpoint-{STEPS}" / name))
+        assert all(torch.equal(last[k], got[k]) for k in got)
+    # Training moved the weights: the comparison is not between two untouched initialisations.
+    adapter = load_file(str(zero3_dir / "adapter_model.safetensors"))
+    assert all(adapter[k].abs().max() > 1e-4 for k in adapter if ".lora_B." in k)  # LoRA B starts at 0
+
+
+def test_zero3_checkpoint_loads_for_inference(both_runs):
+    from peft import get_peft_model_state_dict
+
+    from vidlora.infer.load import load_for_inference
+
+    zero3_dir, _, _ = both_runs
+    directory = zero3_dir / f"checkpoint-{STEPS}"
+    loaded = load_for_inference(str(directory))
+    saved = load_file(str(directory / "adapter_model.safetensors"))
+    state = get_peft_model_state_dict(loaded.model)
+    assert sorted(state) == sorted(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
