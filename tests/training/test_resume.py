@@ -106,3 +106,23 @@ def test_resume_replays_the_uninterrupted_run(reference_run, seed_argv, train_in
     for name in ("adapter_model.safetensors", NON_LORA):
         _assert_same_tensors(load_file(str(out / name)), load_file(str(ref_out / name)))
 
+
+
+def test_resume_replays_the_next_epoch_too(synth_dir, seed_argv, train_in_process, tmp_path):
+    # A second epoch on a small set (the 4 eval samples as training data: 3 with media, 1 text-only),
+    # one sample per step: 4 steps per epoch, 8 in all; the grouped sampler draws epoch 2's order from
+    # (seed, epoch 1). Resuming from step 3 must replay the rest of epoch 1 and all of epoch 2.
+    small = {
+        "data_path": str(synth_dir / "eval.json"), "num_train_epochs": "2", "per_device_train_batch_size": "1",
+        "gradient_accumulation_steps": "1", "evaluation_strategy": "no", "save_steps": "3", "save_total_limit": None,
+    }  # fmt: skip
+    whole = train_in_process(seed_argv(tmp_path / "whole", **small))
+    assert sorted(_losses(whole)) == list(range(1, 9))
+
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", out / "checkpoint-3")
+    resumed = train_in_process(seed_argv(out, **small, resume_from_checkpoint=str(out / "checkpoint-3")))
+    assert _losses(resumed) == _losses(whole)
+    for name in ("adapter_model.safetensors", NON_LORA):
+        _assert_same_tensors(load_file(str(out / name)), load_file(str(tmp_path / "whole" / name)))
