@@ -63,6 +63,18 @@ def _log(history: list[dict], key: str) -> list[float]:
     return [entry[key] for entry in history if key in entry]
 
 
+def _launch_zero3(argv: list[str]) -> None:
+    """`deepspeed --num_gpus 2 --module vidlora.train ARGV` on the CPU; fails the test on a non-zero exit."""
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "vidlora.train", *argv]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+
+
 @pytest.fixture(scope="module")
 def media_only_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vidlora.data.synthetic import generate_dataset
@@ -73,9 +85,9 @@ def media_only_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def both_runs(media_only_dir, seed_argv, train_in_process, tmp_path_factory):
-    """Run ZeRO-3 (2 processes) and one process; returns (zero3 dir, one-process dir, one-process trainer)."""
-    data = {
+def zero3_flags(media_only_dir) -> dict[str, str]:
+    """Overrides of the seed's flags shared by every run here."""
+    return {
         "data_path": str(media_only_dir / "train.json"),
         "video_folder": str(media_only_dir),
         "image_folder": str(media_only_dir),
@@ -83,31 +95,26 @@ def both_runs(media_only_dir, seed_argv, train_in_process, tmp_path_factory):
         "save_steps": "2",
         "per_device_eval_batch_size": "1",
         "disable_tqdm": "True",
+        # The seed keeps 1; 2 keeps checkpoint-2 as well, for the resume test.
+        "save_total_limit": "2",
+        "per_device_train_batch_size": "1",
     }
-    zero3_dir = tmp_path_factory.mktemp("zero3")
-    argv = seed_argv(
-        zero3_dir, **data, per_device_train_batch_size="1", gradient_accumulation_steps="2", deepspeed=str(ZERO3)
-    )
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    )
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "vidlora.train", *argv]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
 
+
+@pytest.fixture(scope="module")
+def both_runs(zero3_flags, seed_argv, train_in_process, tmp_path_factory):
+    """Run ZeRO-3 (2 processes) and one process; returns (zero3 dir, one-process dir, one-process trainer)."""
+    zero3_dir = tmp_path_factory.mktemp("zero3")
+    _launch_zero3(seed_argv(zero3_dir, **zero3_flags, gradient_accumulation_steps="2", deepspeed=str(ZERO3)))
     single_dir = tmp_path_factory.mktemp("single")
-    single = train_in_process(
-        seed_argv(single_dir, **data, per_device_train_batch_size="1", gradient_accumulation_steps="4")
-    )
+    single = train_in_process(seed_argv(single_dir, **zero3_flags, gradient_accumulation_steps="4"))
     return zero3_dir, single_dir, single
 
 
 def test_zero3_checkpoints_are_complete_and_whole(both_runs):
     zero3_dir, single_dir, _ = both_runs
-    # The seed's --save_total_limit 1: only the newest checkpoint stays.
-    assert sorted(p.name for p in zero3_dir.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]
+    # --save_total_limit 2: the two newest checkpoints stay.
+    assert sorted(p.name for p in zero3_dir.glob("checkpoint-*")) == ["checkpoint-2", f"checkpoint-{STEPS}"]
     for directory in (zero3_dir / f"checkpoint-{STEPS}", zero3_dir):
         for name in ("adapter_config.json", "adapter_model.safetensors", NON_LORA, "config.json",
                      "vidlora_config.json", "tokenizer.json", "tokenizer_config.json"):  # fmt: skip
@@ -155,3 +162,24 @@ def test_zero3_checkpoint_loads_for_inference(both_runs):
     saved = load_file(str(directory / "adapter_model.safetensors"))
     state = get_peft_model_state_dict(loaded.model)
     assert sorted(state) == sorted(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_zero3_resume_replays_the_zero3_run(both_runs, zero3_flags, seed_argv, tmp_path):
+    # DeepSpeed restores its own shards (parameters, optimizer, per-rank RNG) from global_step2/.
+    zero3_dir, _, _ = both_runs
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(zero3_dir / "checkpoint-2", out / "checkpoint-2")
+    argv = seed_argv(
+        out, **zero3_flags, gradient_accumulation_steps="2", deepspeed=str(ZERO3),
+        resume_from_checkpoint=str(out / "checkpoint-2"),
+    )  # fmt: skip
+    _launch_zero3(argv)
+    want = json.loads((zero3_dir / "trainer_state.json").read_text())["log_history"]
+    got = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert _log(got, "loss") == pytest.approx(_log(want, "loss"), abs=LOSS_TOL)
+    for name in ("adapter_model.safetensors", NON_LORA):
+        a, b = load_file(str(out / name)), load_file(str(zero3_dir / name))
+        assert sorted(a) == sorted(b)
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=TENSOR_TOL, msg=f"{name}: {key}")
