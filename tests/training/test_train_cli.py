@@ -158,3 +158,25 @@ def test_qlora_4bit_trains_on_cpu_and_writes_a_checkpoint(seed_argv, train_in_pr
 
     base = trainer.model.get_base_model()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.language_model.modules())
+
+
+def test_projector_lr_has_its_own_groups_and_the_log_shows_the_main_rate(seed_argv, train_in_process, tmp_path):
+    argv = seed_argv(
+        tmp_path / "out", mm_projector_lr="2e-5", warmup_ratio="0", max_steps="2", save_steps="2",
+        per_device_train_batch_size="2", gradient_accumulation_steps="1", evaluation_strategy="no",
+    )  # fmt: skip
+    trainer = train_in_process(argv)
+    base = trainer.model.get_base_model()
+    projector = {id(p) for p in base.mm_projector.parameters()}
+    lora = {id(p) for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in n}
+    groups = trainer.optimizer.param_groups
+    grouped = [({id(p) for p in g["params"]}, g["initial_lr"], g["weight_decay"]) for g in groups]
+    # LoRA (decay group; --weight_decay 0.) at --learning_rate, projector weights and biases at
+    # --mm_projector_lr, in that order.
+    assert [(ids <= lora, ids <= projector, lr) for ids, lr, _ in grouped] == [
+        (True, False, 2e-4), (False, True, 2e-5), (False, True, 2e-5),
+    ]  # fmt: skip
+    assert set().union(*(ids for ids, _, _ in grouped)) == lora | projector
+    # The logged rate is --learning_rate's schedule (no warmup: 2e-4 at step 1), not the projector's.
+    rates = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e]
+    assert rates[0] == pytest.approx(2e-4)

@@ -85,7 +85,9 @@ class VidloraTrainer(Trainer):
             is_projector = projector_lr is not None and PROJECTOR_NAME in name
             groups.setdefault((name in decay, is_projector), []).append(param)
         param_groups = []
-        for (decays, is_projector), params in sorted(groups.items()):
+        # The rest before the projector: the Trainer logs the first group's learning rate, which
+        # must be --learning_rate, not --mm_projector_lr (as in the original's group order).
+        for (decays, is_projector), params in sorted(groups.items(), key=lambda item: (item[0][1], not item[0][0])):
             group: dict[str, Any] = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
             if is_projector:
                 group["lr"] = projector_lr
