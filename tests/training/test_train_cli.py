@@ -180,3 +180,13 @@ def test_projector_lr_has_its_own_groups_and_the_log_shows_the_main_rate(seed_ar
     # The logged rate is --learning_rate's schedule (no warmup: 2e-4 at step 1), not the projector's.
     rates = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e]
     assert rates[0] == pytest.approx(2e-4)
+
+
+def test_deepspeed_without_a_launcher_returns_1_before_loading(seed_argv, tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    _refuse_model_loading(monkeypatch)
+    assert main(seed_argv(tmp_path / "out", deepspeed=str(ZERO3))) == 1
+    err = capsys.readouterr().err
+    assert "vidlora train: --deepspeed needs a distributed launcher (missing environment: RANK, LOCAL_RANK" in err
+    assert "deepspeed --num_gpus N --module vidlora.train" in err
