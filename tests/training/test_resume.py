@@ -65,6 +65,7 @@ def test_final_files_hold_the_trained_tensors(reference_run):
     for where in ("checkpoint-5", "."):  # the last step's checkpoint and the final save hold the same step
         _assert_same_tensors(load_file(str(out / where / NON_LORA)), projector)
         _assert_same_tensors(load_file(str(out / where / "adapter_model.safetensors")), adapter)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curve, next to them
     # ... and training moved them: checkpoint-2 differs.
     early = load_file(str(out / "checkpoint-2" / NON_LORA))
     assert not torch.equal(early["mm_projector.0.weight"], projector["mm_projector.0.weight"])
