@@ -81,9 +81,12 @@ def prepare_model(model_args: ModelArguments, train_args: TrainingArguments):
                 f"{config.num_frames} frames; pass --num_frames {config.num_frames}"
             )
         config.video_config.num_frames = model_args.num_frames
-    # Ranks of a multi-process job must run the same modules every step (ZeRO-3 gathers
-    # parameters collectively): a rank whose batch has no video still runs the video tower.
-    config.run_all_towers = train_args.world_size > 1
+    # Every training forward runs both towers and the projector, on a dummy input (adding exactly
+    # zero) for a modality absent from the batch, as the original does for text-only samples. So
+    # the projector gets a (zero) gradient in text-only steps on one process exactly as under
+    # DeepSpeed, and the ranks of a multi-process job run the same modules every step (ZeRO-3
+    # gathers parameters collectively). Inference loads the model with this off.
+    config.run_all_towers = True
     if train_args.bits in (4, 8):
         from vidlora.model.quantize import quantize_language_model
 

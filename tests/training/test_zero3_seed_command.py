@@ -15,11 +15,11 @@ class, never inside zero.Init) so the tiny preset's weights are the same; `--lor
 (`--bf16 False`) leave nothing random or rounded differently except the order of float sums
 (all-reduce across ranks vs local accumulation), hence the tolerance below.
 
-The dataset has video and image samples only. With text-only samples the runs differ by design, not
-by a bug: in a text-only step the projector gets no gradient. One process leaves its `.grad` at
-None and AdamW skips it; DeepSpeed keeps flat fp32 gradient buffers, hands AdamW a zero gradient and
-AdamW still moves the projector by its momentum (and decays its moments). From that step on the
-projector, and so the losses, differ.
+The dataset mixes video, image, video+image and text-only samples, so some steps hold text only.
+Training always runs both towers and the projector (on a dummy input, adding exactly zero, for an
+absent modality), so in a text-only step the projector gets a zero gradient in both modes and AdamW
+moves it by its momentum in both; without that, one process would leave `.grad` at None and skip
+the projector while DeepSpeed's flat gradient buffers hand AdamW zeros, and the runs would part.
 """
 
 from __future__ import annotations
@@ -76,21 +76,21 @@ def _launch_zero3(argv: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def media_only_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mixed_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vidlora.data.synthetic import generate_dataset
 
-    out = tmp_path_factory.mktemp("synth_media")
-    generate_dataset(out, 16, 4, 0, mix={"video": 0.6, "image": 0.3, "video+image": 0.1})
+    out = tmp_path_factory.mktemp("synth_mixed")
+    generate_dataset(out, 16, 4, 0, mix={"video": 0.45, "image": 0.25, "video+image": 0.1, "text": 0.2})
     return out
 
 
 @pytest.fixture(scope="module")
-def zero3_flags(media_only_dir) -> dict[str, str]:
+def zero3_flags(mixed_data_dir) -> dict[str, str]:
     """Overrides of the seed's flags shared by every run here."""
     return {
-        "data_path": str(media_only_dir / "train.json"),
-        "video_folder": str(media_only_dir),
-        "image_folder": str(media_only_dir),
+        "data_path": str(mixed_data_dir / "train.json"),
+        "video_folder": str(mixed_data_dir),
+        "image_folder": str(mixed_data_dir),
         "lora_dropout": "0",
         "save_steps": "2",
         "per_device_eval_batch_size": "1",

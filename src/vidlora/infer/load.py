@@ -92,6 +92,7 @@ def load_for_inference(
     path = Path(model_path)
     if not (path.is_dir() and is_adapter_dir(path)):
         loaded = load_pretrained(model_path, torch_dtype=torch_dtype, device=device, strict=strict)
+        loaded.model.config.run_all_towers = False
         data = _read_json(path / VIDLORA_CONFIG_FILE) if (path / VIDLORA_CONFIG_FILE).is_file() else {}
         settings = InferenceSettings.from_data_config(data, loaded.model.config)
         return InferenceModel(loaded.model, loaded.tokenizer, settings, f"model {model_path} ({loaded.report.layout})")
@@ -128,6 +129,8 @@ def load_for_inference(
         raise FileNotFoundError(f"{path}: adapter_config.json but no adapter weights (adapter_model.safetensors/.bin)")
     if merge:
         model = model.merge_and_unload()
+    # Dummy tower passes are for training ranks in lock-step; generation never needs them.
+    loaded.model.config.run_all_towers = False
     model.eval()
     settings = InferenceSettings.from_data_config(data, loaded.model.config)
     return InferenceModel(model, tokenizer, settings, f"{kind} {path} on base {base}")
