@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from vidlora.model import keymaps
 from vidlora.model.loading import load_pretrained
 from vidlora.model.lora import build_lora_config
+from vidlora.model.modeling import register_auto_classes
 from vidlora.training.trainer import NON_LORA_FILE, VIDLORA_CONFIG_FILE, load_non_lora_trainables
 
 LEGACY_ADAPTER = "adapter_model.bin"
@@ -89,6 +90,8 @@ def load_for_inference(
     strict: bool = True,
 ) -> InferenceModel:
     """Load a checkpoint for generation (see the module docstring for what `model_path` may be)."""
+    # vidlora checkpoint dirs carry our config.json: let the Auto classes (AutoTokenizer reads it) know it.
+    register_auto_classes()
     path = Path(model_path)
     if not (path.is_dir() and is_adapter_dir(path)):
         loaded = load_pretrained(model_path, torch_dtype=torch_dtype, device=device, strict=strict)
