@@ -172,8 +172,10 @@ def test_nf4_values_equal_a_numpy_reference(bnb, tiny):
             _dequantized_4bit(bnb, plain.get_submodule(name)).numpy(), reference, atol=1e-7, rtol=0
         )
         # Double quantization stores the block absmax in 8 bits: close to the reference, not equal.
+        # The error scales with the weights (absmax per block): measured up to 3.1e-3 of the
+        # largest weight on the tiny preset (initializer_range 0.1).
         diff = np.abs(_dequantized_4bit(bnb, double.get_submodule(name)).numpy() - reference).max()
-        assert 0 < diff < 1e-3, (name, diff)
+        assert 0 < diff < 5e-3 * np.abs(weight).max(), (name, diff)
 
 
 @pytest.mark.parametrize(("quant_type", "double_quant", "bound"), [("nf4", True, 0.25), ("fp4", False, 0.35)])
