@@ -59,7 +59,7 @@ class DemoConfig:
     seed: int = 0
     lora_r: int = 128
     lora_alpha: int = 256
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     mm_projector_lr: float | None = None
     batch_size: int = 8
     frames: int = 16
