@@ -1,6 +1,7 @@
 """`vidlora train` / `python -m vidlora.train`: the seed's LoRA command, on today's stack.
 
-Launch it as the seed does (`deepspeed -m vidlora.train --deepspeed configs/zero3.json …`), with
+Launch it as the seed does — the DeepSpeed launcher spells `-m` as `--module`:
+`deepspeed --module vidlora.train --deepspeed configs/zero3.json …` — or with
 `torchrun -m vidlora.train …`, `accelerate launch -m vidlora.train …`, or plainly. The order:
 
 1. parse and check every flag (all problems at once, before any model is loaded);
@@ -12,7 +13,6 @@ Launch it as the seed does (`deepspeed -m vidlora.train --deepspeed configs/zero
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -27,8 +27,6 @@ from vidlora.config import (
     TrainingArguments,
     parse_train_args,
 )
-
-logger = logging.getLogger("vidlora.train")
 
 
 def load_dtype(train_args: TrainingArguments) -> torch.dtype:
