@@ -54,12 +54,12 @@ class DemoConfig:
     out: Path = Path("demo_out")
     n_train: int = 1200
     n_eval: int = 150
-    epochs: float = 4.0
+    epochs: float = 10.0
     max_steps: int = -1
     seed: int = 0
     lora_r: int = 128
     lora_alpha: int = 256
-    learning_rate: float = 3e-4
+    learning_rate: float = 5e-4
     mm_projector_lr: float | None = None
     batch_size: int = 8
     frames: int = 16
