@@ -54,7 +54,7 @@ class DemoConfig:
     out: Path = Path("demo_out")
     n_train: int = 1200
     n_eval: int = 150
-    epochs: float = 10.0
+    epochs: float = 20.0
     max_steps: int = -1
     seed: int = 0
     lora_r: int = 128
