@@ -52,9 +52,9 @@ class DemoConfig:
     """
 
     out: Path = Path("demo_out")
-    n_train: int = 1200
+    n_train: int = 3000
     n_eval: int = 150
-    epochs: float = 20.0
+    epochs: float = 8.0
     max_steps: int = -1
     seed: int = 0
     lora_r: int = 128
