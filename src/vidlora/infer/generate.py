@@ -16,11 +16,10 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vidlora.data.collate import MultimodalCollator
-from vidlora.data.media import read_image, read_video
+from vidlora.data.dataset import ASPECT_MODES, load_image, load_video, pixel_spec_from_config
 from vidlora.data.records import Turn
 from vidlora.data.templates import Template, get_template
 from vidlora.data.tokenize import MediaTokenCounts, tokenize_prompt
-from vidlora.data.transforms import PixelSpec, preprocess_image, preprocess_video
 from vidlora.infer.load import InferenceModel
 
 
@@ -50,11 +49,6 @@ class StopOnString(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def pixel_spec_of(config) -> PixelSpec:
-    tower = config.video_config if config.video_config is not None else config.image_config
-    return PixelSpec(image_size=tower.image_size if tower is not None else 224)
-
-
 class Generator:
     """Turns requests into answers with a loaded model (see the module docstring)."""
 
@@ -68,7 +62,7 @@ class Generator:
             image=config.image_seq_length if config.image_config is not None else 0,
             video=config.video_seq_length if config.video_config is not None else 0,
         )
-        self.spec = pixel_spec_of(config)
+        self.spec = pixel_spec_from_config(config)
         self.decode_timeout = decode_timeout
         pad = self.tokenizer.pad_token_id
         self.collate = MultimodalCollator(pad_token_id=pad, padding_side="left", keep_ids=True)
@@ -79,17 +73,15 @@ class Generator:
         return base.config
 
     def prepare(self, request: Request) -> dict:
-        """Token ids and pixels of one request, exactly as training pre-processes them."""
+        """Token ids and pixels of one request, through the training dataset's own media loaders."""
         ids = tokenize_prompt(request.turns, self.tokenizer, self.template, self.counts)
         item: dict = {"id": request.id, "input_ids": torch.tensor(ids, dtype=torch.long)}
         if request.video is not None:
-            frames, _ = read_video(request.video, self.settings.num_frames, timeout_s=self.decode_timeout)
-            item["pixel_values_videos"] = preprocess_video(frames, self.spec).unsqueeze(0)
+            video = load_video(request.video, self.settings.num_frames, self.spec, self.decode_timeout)
+            item["pixel_values_videos"] = video.unsqueeze(0)
         if request.images:
-            aspect = "pad" if self.settings.image_aspect_ratio == "pad" else "resize"
-            item["pixel_values_images"] = torch.stack(
-                [preprocess_image(read_image(p), self.spec, aspect=aspect) for p in request.images]
-            )
+            aspect = ASPECT_MODES[self.settings.image_aspect_ratio]
+            item["pixel_values_images"] = torch.stack([load_image(p, self.spec, aspect) for p in request.images])
         return item
 
     @torch.no_grad()

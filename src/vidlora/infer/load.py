@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file
 
 from vidlora.model import keymaps
 from vidlora.model.loading import load_pretrained
@@ -186,9 +185,3 @@ def _load_legacy(model: torch.nn.Module, path: Path) -> PeftModel:
         raise KeyError(f"{path / LEGACY_ADAPTER}: tensors with no place in the model: {unexpected[:5]}")
     return peft_model
 
-
-def load_non_lora_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a non-LoRA trainables file: safetensors, or a legacy pickle with weights_only=True."""
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
