@@ -135,6 +135,11 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
+def wants_evaluation(eval_strategy: object) -> bool:
+    """Whether an eval strategy (the enum or its raw string, old or new flag name) asks for evaluation."""
+    return str(eval_strategy).lower() not in ("no", "intervalstrategy.no")
+
+
 def _zero_stage(deepspeed: str | dict | None) -> int | None:
     """The ZeRO stage of a DeepSpeed config (a path or a dict); None when absent or unreadable."""
     if not deepspeed:
@@ -215,8 +220,7 @@ def value_problems(
         problems.append("--remove_unused_columns True would drop the media inputs; leave it False.")
     if train.tokenizer_model_max_length is not None and train.tokenizer_model_max_length < 1:
         problems.append("--tokenizer_model_max_length must be positive.")
-    wants_eval = str(train.eval_strategy).lower() not in ("no", "intervalstrategy.no")
-    if wants_eval and not data.eval_data_path and data.eval_holdout_ratio == 0:
+    if wants_evaluation(train.eval_strategy) and not data.eval_data_path and data.eval_holdout_ratio == 0:
         problems.append(
             f"--eval_strategy {train.eval_strategy} needs evaluation data: pass --eval_data_path, or "
             "--eval_holdout_ratio > 0 to hold out part of the training data."

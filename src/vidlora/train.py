@@ -26,6 +26,7 @@ from vidlora.config import (
     ModelArguments,
     TrainingArguments,
     parse_train_args,
+    wants_evaluation,
 )
 
 
@@ -130,12 +131,11 @@ def build_datasets(model_args: ModelArguments, data_args: DataArguments, train_a
 
     train_set = SupervisedDataset.from_args(model_args, data_args, train_args, tokenizer, model_config)
     eval_set = None
-    wants_eval = str(train_args.eval_strategy).lower() not in ("no", "intervalstrategy.no")
     if data_args.eval_data_path:
         eval_set = SupervisedDataset.from_args(
             model_args, data_args, train_args, tokenizer, model_config, eval_split=True
         )
-    elif wants_eval:
+    elif wants_evaluation(train_args.eval_strategy):
         train_set, eval_set = train_eval_split(train_set, data_args.eval_holdout_ratio, train_args.seed)
         if train_args.should_log:
             print(

@@ -88,7 +88,7 @@ def merge(model_path: str, model_base: str | None, out: str, *, layout: str | No
         raise ValueError("--layout hf cannot hold the video tower's temporal attention; use --layout ours")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     if layout == "hf":
         tensors = keymaps.convert_from_ours(state, "hf", hf_style="memory", hf_vision_model_prefix=False)
         (target / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
