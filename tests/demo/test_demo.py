@@ -64,14 +64,13 @@ def test_small_demo_writes_metrics_loss_curve_and_examples(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 5's targets (>= 0.90 overall, >= 0.80 motion) are not reached yet: the measured default "
-    "run gives 0.727 overall, 0.763 motion (docs/demo.md); strict, so reaching them fails this marker",
-)
 def test_default_demo_learns_the_synthetic_task(tmp_path: Path) -> None:
+    # Issue 5's targets on the default run (~6 min on 2 cores; measured numbers in docs/demo.md).
     metrics = run_demo(DemoConfig(out=tmp_path / "demo"))
-    assert metrics["before"]["accuracy"] <= 0.5
+    assert metrics["config"]["optimizer_steps"] == 2250  # 6000 samples x 3 epochs / batch 8
+    assert metrics["after"]["n"] == metrics["before"]["n"] == 172
+    # Untrained: no better than guessing on any question type.
+    for qtype, accuracy in metrics["before"]["by_type"].items():
+        assert accuracy <= metrics["chance"][qtype] + 0.1, qtype
     assert metrics["after"]["accuracy"] >= 0.90
     assert metrics["after"]["by_type"]["motion"] >= 0.80
-    assert metrics["after"]["n"] >= 100
