@@ -221,6 +221,26 @@ def test_skip_bad_samples_counts_and_lists_them(tokenizer, data_dir, tmp_path):
     assert ds.modality_lengths[0] > 0 and ds.modality_lengths[1] < 0
 
 
+def test_samples_of_a_modality_left_out_by_X_are_refused_by_id(tokenizer, data_dir):
+    records = load_records(data_dir / "train.json")  # v (video), i (image), vi (both), t (text)
+    with pytest.raises(BadSamplesError) as info:
+        _dataset(records, tokenizer, data_dir, modalities=("image",))
+    assert [(p.sample_id, p.kind) for p in info.value.problems] == [
+        ("v", ProblemKind.DISABLED_MODALITY),
+        ("vi", ProblemKind.DISABLED_MODALITY),
+    ]
+    assert "carries video videos/a.mp4 but --X enables Image" in str(info.value)
+    kept = _dataset(records, tokenizer, data_dir, modalities=("video",), skip_bad_samples=True)
+    assert [s.id for s in kept.samples] == ["v", "t"]
+    assert {p.sample_id: p.reason for p in kept.skipped} == {
+        "i": "carries image images/p.png but --X enables Video",
+        "vi": "carries image images/q.jpg, images/p.png but --X enables Video",
+    }
+    assert len(_dataset(records, tokenizer, data_dir, modalities=("video", "image"))) == 4
+    with pytest.raises(ValueError, match="unknown modalities"):
+        _dataset(records, tokenizer, data_dir, modalities=("Video",))
+
+
 def test_eval_split_is_deterministic_and_disjoint(tokenizer, data_dir):
     train, held = split_indices(10, 0.2, seed=0)
     assert (train, held) == split_indices(10, 0.2, seed=0)
@@ -298,6 +318,9 @@ def test_from_args_uses_the_model_config(tokenizer, data_dir):
     assert ds.modality_lengths == [n + w if n > 0 else n for n, w in zip(small, widen, strict=True)]
     with pytest.raises(ValueError, match="built for 8 frames"):
         SupervisedDataset.from_args(ModelArguments(num_frames=4), data_args, training_args, tokenizer, config)
+    # --X Image: the video samples are named, not trained on.
+    with pytest.raises(BadSamplesError, match=r"'v'.*--X enables Image"):
+        SupervisedDataset.from_args(ModelArguments(X=["Image"]), data_args, training_args, tokenizer, config)
 
 
 def test_dataloader_worker_processes_give_the_same_batches(tokenizer, data_dir):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -62,9 +62,13 @@ class ProblemKind(str, Enum):
     DECODE_TIMEOUT = "decode_timeout"
     TOKENIZATION = "tokenization"  # template does not fit, or a length limit would cut media / all answers
     DUPLICATE_ID = "duplicate_id"  # only with duplicate_ids="error"
+    DISABLED_MODALITY = "disabled_modality"  # a video/image sample while --X does not enable that modality
 
 
 _KINDS = frozenset(k.value for k in ProblemKind)
+
+#: Media modalities a dataset can accept (``--X Video Image``, lower-cased).
+MEDIA_MODALITIES: tuple[str, ...] = ("video", "image")
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,11 @@ class SupervisedDataset(Dataset):
         skip_bad_samples: bool = False,
         check_files: bool = True,
         prior_problems: Sequence[SampleProblem] = (),
+        modalities: Collection[str] = MEDIA_MODALITIES,
     ) -> None:
+        unknown = sorted(set(modalities) - set(MEDIA_MODALITIES))
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; expected a subset of {list(MEDIA_MODALITIES)}")
         if image_aspect_ratio not in ASPECT_MODES:
             raise ValueError(
                 f"image_aspect_ratio must be one of {sorted(ASPECT_MODES)}, got {image_aspect_ratio!r}"
@@ -298,6 +306,7 @@ class SupervisedDataset(Dataset):
         self.model_max_length = model_max_length
         self.tokenizer_model_max_length = tokenizer_model_max_length
         self.skip_bad_samples = skip_bad_samples
+        self.modalities = frozenset(modalities)
 
         problems = list(prior_problems)
         entries: list[_Entry] = []
@@ -359,6 +368,7 @@ class SupervisedDataset(Dataset):
             model_max_length=training_args.model_max_length,
             tokenizer_model_max_length=training_args.tokenizer_model_max_length,
             skip_bad_samples=data_args.skip_bad_samples,
+            modalities=tuple(x.lower() for x in model_args.X),
         )
 
     # -- construction helpers -------------------------------------------------------------
@@ -381,6 +391,14 @@ class SupervisedDataset(Dataset):
                 kind, reason, sample.id, sample.index, str(sample.source), None if file is None else str(file)
             )
 
+        # A sample the run's --X leaves out would still reach a tower (every preset builds both):
+        # say so rather than train on a modality the user switched off.
+        carried = {"video": [sample.video] if sample.video is not None else [], "image": list(sample.images)}
+        disabled = [m for m in MEDIA_MODALITIES if carried[m] and m not in self.modalities]
+        if disabled:
+            enabled = " ".join(m.capitalize() for m in MEDIA_MODALITIES if m in self.modalities) or "no media"
+            what = ", ".join(f"{m} {', '.join(carried[m])}" for m in disabled)
+            return None, [problem(ProblemKind.DISABLED_MODALITY, f"carries {what} but --X enables {enabled}")]
         problems: list[SampleProblem] = []
         try:
             video, images = resolve_media(sample, self.video_folder, self.image_folder, self.allow_outside)
