@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from vidlora.data.sampler import ModalityLengthGroupedSampler
 from vidlora.training.callbacks import observe_micro_batch
@@ -104,16 +105,40 @@ class VidloraTrainer(Trainer):
         parameters only); otherwise we read the parameters directly.
         """
         output_dir = output_dir or self.args.output_dir
-        super()._save(output_dir, state_dict=state_dict)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if trains_projector_only(model):
+            # Pre-training (--tune_mm_mlp_adapter) changes the projector alone: a full copy of the
+            # frozen model in every checkpoint would only cost disk (the original keeps
+            # mm_projector.bin alone). The projector goes to NON_LORA_FILE below.
+            if self.args.should_save:
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
+        else:
+            super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:
             return
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         write_checkpoint_extras(model, Path(output_dir), self.data_config, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The Trainer restores the adapter; the projector comes from our own file."""
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_non_lora_trainables(model or self.model, Path(resume_from_checkpoint) / NON_LORA_FILE)
+        target = model or self.model
+        projector_file = Path(resume_from_checkpoint) / NON_LORA_FILE
+        if trains_projector_only(self.accelerator.unwrap_model(target, keep_torch_compile=False)):
+            if not projector_file.is_file():
+                raise FileNotFoundError(f"cannot resume projector pre-training: {projector_file} is missing")
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_non_lora_trainables(target, projector_file)
+
+
+def trains_projector_only(model: torch.nn.Module) -> bool:
+    """True when no adapter is attached and every trainable parameter is the projector's."""
+    if hasattr(model, "peft_config"):
+        return False
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    return bool(trainable) and all(name.startswith(f"{PROJECTOR_NAME}.") for name in trainable)
 
 
 def write_checkpoint_extras(
