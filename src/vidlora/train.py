@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteTrainingError, LauncherRequired) as err:
         print(f"vidlora train: {err}", file=sys.stderr)
         return 1
+    finally:
+        # Left to interpreter exit, the process group's threads can be torn down while still
+        # running ("terminate called without an active exception", exit code -6 after a run
+        # that finished and saved: seen once in three ZeRO-3 resume runs).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
