@@ -323,9 +323,9 @@ def test_timeout_during_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     clip = indexed_clip(tmp_path / "slowdecode.mp4", 16, "libx264")
     real = media._to_rgb
 
-    def slow_to_rgb(frame: av.VideoFrame, path: str) -> np.ndarray:
+    def slow_to_rgb(frame: av.VideoFrame, path: str, reformatter: object) -> np.ndarray:
         time.sleep(0.1)
-        return real(frame, path)
+        return real(frame, path, reformatter)
 
     monkeypatch.setattr(media, "_to_rgb", slow_to_rgb)
     with pytest.raises(
