@@ -10,7 +10,12 @@ Video-LLaVA's short-side resize works at). Then times, per clip:
 * ``read_video``  – vidlora's reader: demux-only frame table + seek/decode of the 8 sampled frames;
 * ``frame table`` – the demux-only pass alone (its share of ``read_video``);
 * ``decode all``  – decode every frame in order and keep the 8 sampled ones (what a naive reader
-  does; the cost of any reader that cannot seek).
+  does; the cost of any reader that cannot seek). It converts to RGB the way ``read_video`` does
+  (one reused swscale context), so the ratio is the seeking alone.
+
+A second table times that conversion against PyAV's ``frame.to_ndarray(format="rgb24")``, which
+builds a new swscale context for every frame: 2 s clips at 64×64 (the demo's), 398×224 and
+1280×720, every frame converted both ways, pixels checked equal.
 
 Both readers are checked to return the same frames (the clips carry their frame index in the
 pixels). The table is printed and written to the decode section of ``benchmarks/RESULTS.md``
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from vidlora.data.media import read_video, sample_indices
 
@@ -123,9 +129,10 @@ def decode_all(path: Path, num_frames: int) -> tuple[np.ndarray, int]:
         total = stream.frames
         wanted = set(sample_indices(total, num_frames).tolist())
         kept = {}
+        reformatter = VideoReformatter()
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                kept[i] = frame.to_ndarray(format="rgb24")
+                kept[i] = reformatter.reformat(frame, format="rgb24").to_ndarray()
         return np.stack([kept[i] for i in sample_indices(total, num_frames)]), total
 
 
@@ -186,6 +193,52 @@ def run(out_dir: Path, repeats: int) -> list[dict[str, object]]:
     return rows
 
 
+CONVERT_CLIPS = (
+    Clip("2s_64px", 2, 64, 64, None),
+    Clip("2s_224p", 2, 398, 224, None),
+    Clip("2s_720p", 2, 1280, 720, None),
+)
+
+
+def convert_rows(out_dir: Path, repeats: int) -> list[dict[str, object]]:
+    """Per-frame RGB conversion: a new swscale context per frame vs one reused context."""
+    rows = []
+    for clip in CONVERT_CLIPS:
+        path = out_dir / f"{clip.name}.mp4"
+        if not path.exists():
+            encode_clip(clip, path)
+        with av.open(str(path)) as container:
+            frames = list(container.decode(video=0))
+        reformatter = VideoReformatter()
+        timings, results = measure(
+            {
+                "per_frame": lambda f=frames: [x.to_ndarray(format="rgb24") for x in f],
+                "reused": lambda f=frames, r=reformatter: [r.reformat(x, format="rgb24").to_ndarray() for x in f],
+            },
+            repeats,
+        )
+        if not all(np.array_equal(a, b) for a, b in zip(results["per_frame"], results["reused"], strict=True)):
+            raise RuntimeError(f"{path}: the two conversions differ")
+        rows.append({"clip": f"{clip.name} ({clip.width}x{clip.height})", "frames": len(frames), **timings})
+    return rows
+
+
+def convert_table(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| clip | frames | `to_ndarray(format=\"rgb24\")` ms / frame (wall / CPU) "
+        "| reused `VideoReformatter` ms / frame (wall / CPU) | ratio (wall / CPU) |",
+        "|---|---:|---|---|---|",
+    ]
+    for row in rows:
+        per, reused, n = row["per_frame"], row["reused"], row["frames"]
+        lines.append(
+            f"| {row['clip']} | {n} | {1e3 * per.wall_s / n:.3f} / {1e3 * per.cpu_s / n:.3f} "
+            f"| {1e3 * reused.wall_s / n:.3f} / {1e3 * reused.cpu_s / n:.3f} "
+            f"| {per.wall_s / reused.wall_s:.1f}× / {per.cpu_s / reused.cpu_s:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, object]], repeats: int) -> str:
     lines = [
         f"PyAV {av.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
@@ -230,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out or Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         body = table(run(out_dir, args.repeats), args.repeats)
+        body += "\n\nRGB conversion of decoded frames (same runs' settings):\n\n"
+        body += convert_table(convert_rows(out_dir, args.repeats))
     print(body)
     if not args.no_write:
         write_section(args.results, body)
