@@ -183,3 +183,22 @@ def test_zero3_resume_replays_the_zero3_run(both_runs, zero3_flags, seed_argv, t
         assert sorted(a) == sorted(b)
         for key in b:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=TENSOR_TOL, msg=f"{name}: {key}")
+
+
+def test_zero3_projector_pretraining_equals_one_process(zero3_flags, seed_argv, train_in_process, tmp_path):
+    # Stage 1 (--tune_mm_mlp_adapter): only the projector trains and only it is written, also when
+    # ZeRO-3 partitions it over the ranks.
+    pretrain = {**zero3_flags, "lora_enable": "False", "tune_mm_mlp_adapter": "True", "learning_rate": "1e-3"}
+    zero3_dir, single_dir = tmp_path / "zero3", tmp_path / "single"
+    _launch_zero3(seed_argv(zero3_dir, **pretrain, gradient_accumulation_steps="2", deepspeed=str(ZERO3)))
+    single = train_in_process(seed_argv(single_dir, **pretrain, gradient_accumulation_steps="4"))
+    zero3_history = json.loads((zero3_dir / "trainer_state.json").read_text())["log_history"]
+    assert _log(zero3_history, "loss") == pytest.approx(_log(single.state.log_history, "loss"), abs=LOSS_TOL)
+    for directory in (zero3_dir, zero3_dir / f"checkpoint-{STEPS}"):
+        assert not [p.name for p in directory.glob("*.safetensors") if p.name != NON_LORA], directory
+        got, want = load_file(str(directory / NON_LORA)), load_file(str(single_dir / NON_LORA))
+        assert sorted(got) == sorted(want) == [
+            "mm_projector.0.bias", "mm_projector.0.weight", "mm_projector.2.bias", "mm_projector.2.weight",
+        ]  # fmt: skip
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=TENSOR_TOL, msg=key)

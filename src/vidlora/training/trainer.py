@@ -98,6 +98,22 @@ class VidloraTrainer(Trainer):
         return self.optimizer
 
     # -- saving -----------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under ZeRO-3 with only the projector training, gather the trainable parameters alone.
+
+        The Trainer gathers only trainables for PEFT models; for projector pre-training it would
+        gather the whole (frozen) model onto rank 0 at every save, only for `_save` to keep the
+        projector.
+        """
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        engine = getattr(self, "deepspeed", None)
+        zero3 = engine is not None and engine.zero_optimization_stage() == 3
+        if zero3 and trains_projector_only(model):
+            state_dict = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+            return
+        super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Adapter + non-LoRA trainables (safetensors) + configs + tokenizer, in every checkpoint.
 
