@@ -124,6 +124,15 @@ def chance_accuracy() -> dict[str, float]:
     return {qtype: 1.0 / len(ANSWERS[qtype]) for qtype in QUESTION_TYPES}
 
 
+def overall_chance_accuracy(n_by_type: Mapping[str, int]) -> float | None:
+    """Chance over all questions: each type's chance weighted by its number of questions."""
+    total = sum(n_by_type.values())
+    if not total:
+        return None
+    chance = chance_accuracy()
+    return sum(n * chance[qtype] for qtype, n in n_by_type.items()) / total
+
+
 def summarize(scores: Mapping[str, Any]) -> dict[str, Any]:
     """`score_predictions` output -> ``{"accuracy", "correct", "n", "by_type": {type: accuracy}}``."""
     by_type = scores.get("by_type", {})
@@ -141,19 +150,39 @@ def _pct(value: float | None) -> str:
 
 
 def format_table(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
-    """A Markdown before/after table: overall, then one row per question type."""
+    """A Markdown before/after table: overall, then one row per question type.
+
+    Exact match of the generated answer first; when both phases carry ranked-option results
+    (``choice_accuracy``), two more columns show them.
+    """
     chance = chance_accuracy()
+    ranked = "choice_accuracy" in before and "choice_accuracy" in after
+    header = "| questions | n | chance | before | after |"
+    rule = "|---|---:|---:|---:|---:|"
+    if ranked:
+        header += " before, ranked options | after, ranked options |"
+        rule += "---:|---:|"
+
+    def extra(key: str | None) -> str:
+        if not ranked:
+            return ""
+        if key is None:
+            return f" {_pct(before['choice_accuracy'])} | {_pct(after['choice_accuracy'])} |"
+        return f" {_pct(before['choice_by_type'].get(key))} | {_pct(after['choice_by_type'].get(key))} |"
+
+    overall_chance = overall_chance_accuracy(after["n_by_type"])
     lines = [
-        "| questions | n | chance | before | after |",
-        "|---|---:|---:|---:|---:|",
-        f"| **all** | {after['n']} | | {_pct(before['accuracy'])} | {_pct(after['accuracy'])} |",
+        header,
+        rule,
+        f"| **all** | {after['n']} | {_pct(overall_chance)} | {_pct(before['accuracy'])} | "
+        f"{_pct(after['accuracy'])} |" + extra(None),
     ]
     for qtype in QUESTION_TYPES:
         if qtype not in after["by_type"]:
             continue
         lines.append(
             f"| {qtype} | {after['n_by_type'][qtype]} | {_pct(chance[qtype])} | "
-            f"{_pct(before['by_type'].get(qtype))} | {_pct(after['by_type'][qtype])} |"
+            f"{_pct(before['by_type'].get(qtype))} | {_pct(after['by_type'][qtype])} |" + extra(qtype)
         )
     return "\n".join(lines)
 
@@ -207,6 +236,34 @@ def _score(model_path: str, data_dir: Path, out: Path, loaded: Any, config: Demo
     return score_predictions(read_jsonl(out))
 
 
+def _score_choices(loaded: Any, data_dir: Path) -> dict[str, Any]:
+    """Ranked-option accuracy: per question, the listed answer the model finds most likely
+    (`Generator.score_options`, teacher-forced like training). Unlike exact match it does not
+    need the model to produce a listed word, so an untrained model sits near chance."""
+    from tqdm import tqdm
+
+    from vidlora.data.records import load_records, resolve_media
+    from vidlora.infer.generate import Generator, Request
+    from vidlora.infer.predict import jobs_of, prompt_turns, sample_type
+
+    generator = Generator(loaded)
+    hits: dict[str, list[bool]] = {}
+    jobs = [job for sample in load_records(data_dir / "eval.json") for job in jobs_of(sample)]
+    for job in tqdm(jobs, desc="rank options"):
+        qtype = sample_type(job.sample, job.turn)
+        options = ANSWERS[qtype]
+        video, images = resolve_media(job.sample, data_dir, data_dir)
+        request = Request(job.sample.id, prompt_turns(job), video, list(images))
+        scores = generator.score_options(request, options)
+        best = options[max(range(len(options)), key=scores.__getitem__)]
+        hits.setdefault(qtype, []).append(best == job.answer)
+    every = [hit for per_type in hits.values() for hit in per_type]
+    return {
+        "choice_accuracy": sum(every) / len(every),
+        "choice_by_type": {t: sum(hits[t]) / len(hits[t]) for t in QUESTION_TYPES if t in hits},
+    }
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     existing = [p.name for p in (out / DATA_DIR, out / TRAIN_DIR, out / METRICS_FILE) if p.exists()]
     if existing and not overwrite:
@@ -245,7 +302,9 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False) -> dict[str, Any]:
 
     t = time.perf_counter()
     print("vidlora demo: [2/4] scoring the untrained tiny model", file=sys.stderr)
-    before_scores = _score("tiny", data_dir, out / PREDS_BEFORE, load_for_inference("tiny"), config)
+    untrained = load_for_inference("tiny")
+    before_scores = _score("tiny", data_dir, out / PREDS_BEFORE, untrained, config)
+    before_choices = _score_choices(untrained, data_dir)
     stage("score_before", t)
 
     t = time.perf_counter()
@@ -256,13 +315,14 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False) -> dict[str, Any]:
 
     t = time.perf_counter()
     print("vidlora demo: [4/4] scoring the fine-tuned model", file=sys.stderr)
-    after_scores = _score(
-        str(train_dir), data_dir, out / PREDS_AFTER, load_for_inference(str(train_dir)), config
-    )
+    trained = load_for_inference(str(train_dir))
+    after_scores = _score(str(train_dir), data_dir, out / PREDS_AFTER, trained, config)
+    after_choices = _score_choices(trained, data_dir)
     stage("score_after", t)
     timing["total"] = round(time.perf_counter() - start, 2)
 
-    before, after = summarize(before_scores), summarize(after_scores)
+    before = {**summarize(before_scores), **before_choices}
+    after = {**summarize(after_scores), **after_choices}
     loss_src = train_dir / LOSS_FILE
     if not loss_src.is_file():
         raise RuntimeError(f"training wrote no loss curve at {loss_src}")

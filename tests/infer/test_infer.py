@@ -217,3 +217,45 @@ def test_chat_keeps_the_conversation_and_answers_like_generate(adapter_dir, synt
     assert first_message("hi", None, []) == "hi"
     with pytest.raises(ValueError, match="unknown extension"):
         split_files([str(synth / "eval.json")])
+
+
+def test_option_scores_are_training_log_likelihoods(adapter_dir, synth, tmp_path):
+    # Independently: write each (question, option) as a training record, read it through the
+    # training dataset and collator, and sum the per-token loss the model gives its labels.
+    from vidlora.data.collate import MultimodalCollator
+    from vidlora.data.dataset import SupervisedDataset, pixel_spec_from_config
+    from vidlora.data.tokenize import MediaTokenCounts
+
+    loaded = load_for_inference(str(adapter_dir))
+    generator = Generator(loaded)
+    record = next(r for r in json.loads((synth / "eval.json").read_text()) if "video" in r)
+    question = record["conversations"][0]["value"]
+    options = ["left", "right", "up", "down", "a longer answer"]
+    request = Request(record["id"], [Turn("human", question)], synth / record["video"], [])
+    scores = generator.score_options(request, options)
+
+    rows = [
+        {"id": f"o{i}", "video": record["video"], "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": option}]}
+        for i, option in enumerate(options)
+    ]  # fmt: skip
+    (tmp_path / "options.json").write_text(json.dumps(rows))
+    config = loaded.model.get_base_model().config
+    dataset = SupervisedDataset.from_paths(
+        tmp_path / "options.json", tokenizer=loaded.tokenizer, template="v1",
+        media_counts=MediaTokenCounts.from_config(config), pixel_spec=pixel_spec_from_config(config),
+        num_frames=8, video_folder=synth,
+    )  # fmt: skip
+    collate = MultimodalCollator(pad_token_id=loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        for i, score in enumerate(scores):
+            batch = collate([dataset[i]])
+            labels = batch.pop("labels")
+            logits = loaded.model(**batch).logits[0, :-1]
+            target = labels[0, 1:]
+            kept = target != -100
+            nll = torch.nn.functional.cross_entropy(logits[kept], target[kept], reduction="sum")
+            assert score == pytest.approx(-nll.item(), abs=1e-4), options[i]
+    assert len(set(round(s, 3) for s in scores)) == len(options)  # the options are told apart
+    with pytest.raises(ValueError, match="no options"):
+        generator.score_options(request, [])

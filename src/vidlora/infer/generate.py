@@ -4,6 +4,8 @@ A request is a conversation that ends with a user turn, plus its media. It is re
 training template, tokenized with the same segment-wise mechanics as training (so the prompt ids
 equal the training prefix), its media read and pre-processed exactly like training (no random
 flip), and generated with left padding so that every row of a batch gives what it gives alone.
+`Generator.score_options` ranks given answers instead: each is tokenized as a training answer and
+scored by its teacher-forced log-likelihood (closed-form questions, multiple-choice style).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from vidlora.data.collate import MultimodalCollator
+from vidlora.data.collate import IGNORE_INDEX, MultimodalCollator
 from vidlora.data.dataset import ASPECT_MODES, load_image, load_video, pixel_spec_from_config
 from vidlora.data.records import Turn
 from vidlora.data.templates import Template, get_template
-from vidlora.data.tokenize import MediaTokenCounts, tokenize_prompt
+from vidlora.data.tokenize import MediaTokenCounts, tokenize_prompt, tokenize_sample
 from vidlora.infer.load import InferenceModel
 
 
@@ -66,6 +68,7 @@ class Generator:
         self.decode_timeout = decode_timeout
         pad = self.tokenizer.pad_token_id
         self.collate = MultimodalCollator(pad_token_id=pad, padding_side="left", keep_ids=True)
+        self.train_collate = MultimodalCollator(pad_token_id=pad)
 
     def _base_config(self):
         model = self.model
@@ -128,3 +131,40 @@ class Generator:
                 text = text.split(stop)[0]
             answers.append(text.strip())
         return answers
+
+    @torch.no_grad()
+    def score_options(self, request: Request, options: Sequence[str]) -> list[float]:
+        """Log-likelihood of each option as the answer to ``request``, one batch for all options.
+
+        Each option is appended as the assistant's turn and tokenized by training's own
+        `tokenize_sample`; its score is the summed log-probability of the labelled tokens (the
+        answer and the template's end of turn). Earlier answers in a multi-turn request are
+        labelled too, which adds the same amount to every option and leaves the ranking alone.
+        """
+        if not options:
+            raise ValueError(f"{request.id}: no options to score")
+        media = {k: v for k, v in self.prepare(request).items() if k.startswith("pixel_values")}
+        items = []
+        for option in options:
+            tokenized = tokenize_sample(
+                [*request.turns, Turn("gpt", option)], self.tokenizer, self.template, self.counts, sample_id=request.id
+            )
+            items.append(
+                {
+                    **media,
+                    "input_ids": torch.tensor(tokenized.input_ids, dtype=torch.long),
+                    "labels": torch.tensor(tokenized.labels, dtype=torch.long),
+                }
+            )
+        batch = self.train_collate(items)
+        labels = batch.pop("labels")
+        device = next(self.model.parameters()).device
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        inputs = {
+            k: (v.to(device, dtype=dtype) if k.startswith("pixel_values") else v.to(device)) for k, v in batch.items()
+        }
+        logits = self.model(**inputs).logits.float()
+        targets = labels[:, 1:].to(device)
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * (targets != IGNORE_INDEX)).sum(dim=1).tolist()
