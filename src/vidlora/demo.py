@@ -1,7 +1,8 @@
 """`vidlora demo`: the whole pipeline on a laptop CPU, in minutes.
 
 1. write a synthetic video/image QA dataset (`vidlora synth`);
-2. score the untrained tiny model on the held-out questions (`vidlora predict` + exact match);
+2. score the untrained tiny model on the held-out questions (`vidlora predict` + exact match, and
+   ranked options: the listed word it finds most likely);
 3. LoRA-fine-tune it with the seed's recipe, scaled down (`vidlora train`);
 4. score it again;
 5. print a before/after table and write ``metrics.json``, ``loss.png`` and ``examples.md``.
