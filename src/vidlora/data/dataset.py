@@ -144,10 +144,16 @@ class BadSamplesError(ValueError):
 # -- reading records, problem by problem -------------------------------------------------------
 
 
+def error_kind(err: RecordError, default: ProblemKind) -> ProblemKind:
+    """The category a :class:`RecordError` names in ``kind``, or ``default`` when it names none."""
+    return ProblemKind(err.kind) if err.kind in _KINDS else default
+
+
 def record_problem(err: RecordError) -> SampleProblem:
     """Turn a :class:`RecordError` into a problem; its ``kind`` names the category."""
-    kind = ProblemKind(err.kind) if err.kind in _KINDS else ProblemKind.INVALID_RECORD
-    return SampleProblem(kind, err.reason, err.sample_id, err.index, str(err.file), None)
+    return SampleProblem(
+        error_kind(err, ProblemKind.INVALID_RECORD), err.reason, err.sample_id, err.index, str(err.file), None
+    )
 
 
 def read_samples(
@@ -403,7 +409,7 @@ class SupervisedDataset(Dataset):
         try:
             video, images = resolve_media(sample, self.video_folder, self.image_folder, self.allow_outside)
         except RecordError as err:
-            kind = ProblemKind(err.kind) if err.kind in _KINDS else ProblemKind.BAD_PATH
+            kind = error_kind(err, ProblemKind.BAD_PATH)
             return None, [problem(kind, err.reason, record_field_path(sample, err.field))]
         if check_files:
             for path in ([video] if video is not None else []) + images:

@@ -78,14 +78,24 @@ class Generator:
     def prepare(self, request: Request) -> dict:
         """Token ids and pixels of one request, through the training dataset's own media loaders."""
         ids = tokenize_prompt(request.turns, self.tokenizer, self.template, self.counts)
-        item: dict = {"id": request.id, "input_ids": torch.tensor(ids, dtype=torch.long)}
+        return {"id": request.id, "input_ids": torch.tensor(ids, dtype=torch.long), **self._pixels(request)}
+
+    def _pixels(self, request: Request) -> dict:
+        """``pixel_values_videos`` / ``pixel_values_images`` of a request (keys absent without media)."""
+        pixels: dict = {}
         if request.video is not None:
             video = load_video(request.video, self.settings.num_frames, self.spec, self.decode_timeout)
-            item["pixel_values_videos"] = video.unsqueeze(0)
+            pixels["pixel_values_videos"] = video.unsqueeze(0)
         if request.images:
             aspect = ASPECT_MODES[self.settings.image_aspect_ratio]
-            item["pixel_values_images"] = torch.stack([load_image(p, self.spec, aspect) for p in request.images])
-        return item
+            pixels["pixel_values_images"] = torch.stack([load_image(p, self.spec, aspect) for p in request.images])
+        return pixels
+
+    def _to_model(self, batch: dict) -> dict:
+        """A collated batch on the model's device, pixels in its floating dtype."""
+        device = next(self.model.parameters()).device
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        return {k: (v.to(device, dtype=dtype) if k.startswith("pixel_values") else v.to(device)) for k, v in batch.items()}
 
     @torch.no_grad()
     def generate(
@@ -101,11 +111,7 @@ class Generator:
         items = [self.prepare(r) for r in requests]
         batch = self.collate(items)
         batch.pop("ids")
-        device = next(self.model.parameters()).device
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        inputs = {
-            k: (v.to(device, dtype=dtype) if k.startswith("pixel_values") else v.to(device)) for k, v in batch.items()
-        }
+        inputs = self._to_model(batch)
         prompt_length = inputs["input_ids"].shape[1]
         sampling = temperature > 0
         if sampling:
@@ -143,7 +149,7 @@ class Generator:
         """
         if not options:
             raise ValueError(f"{request.id}: no options to score")
-        media = {k: v for k, v in self.prepare(request).items() if k.startswith("pixel_values")}
+        media = self._pixels(request)
         items = []
         for option in options:
             tokenized = tokenize_sample(
@@ -158,13 +164,8 @@ class Generator:
             )
         batch = self.train_collate(items)
         labels = batch.pop("labels")
-        device = next(self.model.parameters()).device
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        inputs = {
-            k: (v.to(device, dtype=dtype) if k.startswith("pixel_values") else v.to(device)) for k, v in batch.items()
-        }
-        logits = self.model(**inputs).logits.float()
-        targets = labels[:, 1:].to(device)
+        logits = self.model(**self._to_model(batch)).logits.float()
+        targets = labels[:, 1:].to(logits.device)
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
         picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (picked * (targets != IGNORE_INDEX)).sum(dim=1).tolist()
