@@ -118,8 +118,11 @@ def test_zeroed_temporal_branch_equals_image_tower_on_each_frame(video_tower, pi
     for k, hidden in enumerate(video_states):
         assert hidden.shape == (2, FRAMES, TOKENS, HIDDEN)
         for t in range(FRAMES):
-            # Exactly zero is added by the temporal step; the rest is the same arithmetic. atol 1e-6.
-            torch.testing.assert_close(hidden[:, t], frame_states[t][k], atol=1e-6, rtol=0)
+            # Exactly zero is added by the temporal step; the rest is the same arithmetic, on a batch
+            # of B*T frames instead of B. With one thread the two are bit-identical (measured 0.0);
+            # with two, BLAS splits the larger batch differently: max 2.9e-6 measured on values up
+            # to 8.9 (a few float32 ulps, propagated through the layer norms), hence atol 5e-6.
+            torch.testing.assert_close(hidden[:, t], frame_states[t][k], atol=5e-6, rtol=0)
 
 
 def test_live_temporal_branch_mixes_frames_within_a_video_only(video_tower, pixels):
