@@ -72,7 +72,9 @@ def test_single_modality_dataset_and_zero_length_rejected():
 
 def test_sampler_set_epoch_and_len():
     lengths = _lengths(10, 3)
-    sampler = ModalityLengthGroupedSampler(lengths, per_device_batch_size=1, world_size=1, grad_accum=4, seed=7)
+    sampler = ModalityLengthGroupedSampler(
+        lengths, per_device_batch_size=1, world_size=1, grad_accum=4, seed=7
+    )
     assert len(sampler) == 12 + 4  # 10 -> 12, 3 -> 4
     first = list(sampler)
     assert list(sampler) == first

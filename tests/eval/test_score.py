@@ -278,3 +278,34 @@ def test_data_errors(tmp_path):
     data.write_text(json.dumps({"id": "x"}), encoding="utf-8")
     with pytest.raises(EvalInputError, match="expected a JSON list"):
         load_references([data])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: eval reads the dataset under its own rules")
+def test_data_path_is_read_under_training_rules(tmp_path):
+    """A leading system turn (training accepts it) and JSON Lines saved as .json (training detects the
+    format by content) must read the same way here."""
+    records = [
+        {
+            "id": "a",
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Colour?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+        {
+            "id": "b",
+            "conversations": [{"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "circle"}],
+        },
+    ]
+    data = tmp_path / "eval.json"  # JSON Lines in a .json file
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    preds = _write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"id": "a", "turn": 0, "prediction": "Red."}, {"id": "b", "turn": 0, "prediction": "square"}],
+    )
+    out = tmp_path / "r.json"
+    assert main(["--predictions", str(preds), "--data_path", str(data), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["exact_match"]["correct"] == 1 and report["exact_match"]["n"] == 2
+    assert {item["question"] for item in report["items"]} == {"Colour?", "Shape?"}

@@ -102,8 +102,16 @@ def test_recipe_with_peft_matches_the_analytic_count() -> None:
     assert set(trainable) == set(lora_names) | {n for n in trainable if ".mm_projector." in n}
     assert sum(trainable.values()) == expected.trainable
     # Counting the adapted model gives the same split (its LoRA layers are counted as they are).
-    assert info.count_parameters(peft_model) == info.count_parameters(model) == expected.__class__(
-        parts=expected.parts, lora=expected.lora, lora_r=None, trainable=expected.trainable, frozen=expected.frozen
+    assert (
+        info.count_parameters(peft_model)
+        == info.count_parameters(model)
+        == expected.__class__(
+            parts=expected.parts,
+            lora=expected.lora,
+            lora_r=None,
+            trainable=expected.trainable,
+            frozen=expected.frozen,
+        )
     )
 
 
@@ -153,7 +161,12 @@ def test_peft_works_on_the_meta_device() -> None:
 
 
 def test_cli_table_for_tiny(capsys) -> None:
-    assert info.main(["--model_name_or_path", "tiny", "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16"]) == 0
+    assert (
+        info.main(
+            ["--model_name_or_path", "tiny", "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "LoRA r=8 alpha=16" in out
     assert re.search(r"video tower \(temporal\)\s+34,560", out)
@@ -170,7 +183,17 @@ def test_cli_rejects_non_boolean(capsys) -> None:
 def test_cli_videollava_7b_json(capsys) -> None:
     start = time.perf_counter()
     status = info.main(
-        ["--model_name_or_path", "videollava-7b", "--lora_enable", "True", "--lora_r", "128", "--lora_alpha", "256", "--json"]
+        [
+            "--model_name_or_path",
+            "videollava-7b",
+            "--lora_enable",
+            "True",
+            "--lora_r",
+            "128",
+            "--lora_alpha",
+            "256",
+            "--json",
+        ]
     )
     elapsed = time.perf_counter() - start
     assert status == 0

@@ -148,7 +148,9 @@ def test_hf_layout_both_ways(ours: str, disk: str | None, memory: str | None) ->
         for name in (disk, memory):
             flat = name.replace("vision_model.", "")
             assert keymaps.to_ours(flat, "hf") == ours
-        assert keymaps.from_ours(ours, "hf", hf_vision_model_prefix=False) == disk.replace("vision_model.", "")
+        assert keymaps.from_ours(ours, "hf", hf_vision_model_prefix=False) == disk.replace(
+            "vision_model.", ""
+        )
 
 
 @pytest.mark.parametrize("original", [k for k, hf in zip(ORIGINAL, HF_DISK, strict=True) if hf is not None])
@@ -167,15 +169,21 @@ def test_converter_names_temporal_keys_that_the_hf_model_then_drops() -> None:
 
 def test_languagebind_tower_checkpoint() -> None:
     lb = "vision_model.encoder.layers.5.temporal_attn.k_proj.bias"
-    assert keymaps.to_ours(lb, "languagebind", tower="video_tower") == "video_tower.encoder.layers.5.temporal_attn.k_proj.bias"
+    assert (
+        keymaps.to_ours(lb, "languagebind", tower="video_tower")
+        == "video_tower.encoder.layers.5.temporal_attn.k_proj.bias"
+    )
     assert keymaps.to_ours("vision_model.post_layernorm.weight", "languagebind", tower="image_tower") == (
         "image_tower.post_layernorm.weight"
     )
-    assert keymaps.from_ours("video_tower.embeddings.class_embedding", "languagebind", tower="video_tower") == (
-        "vision_model.embeddings.class_embedding"
-    )
+    assert keymaps.from_ours(
+        "video_tower.embeddings.class_embedding", "languagebind", tower="video_tower"
+    ) == ("vision_model.embeddings.class_embedding")
     # The other tower is not in this file.
-    assert keymaps.from_ours("image_tower.embeddings.class_embedding", "languagebind", tower="video_tower") is None
+    assert (
+        keymaps.from_ours("image_tower.embeddings.class_embedding", "languagebind", tower="video_tower")
+        is None
+    )
     with pytest.raises(ValueError, match="tower="):
         keymaps.to_ours(lb, "languagebind")
 
@@ -192,7 +200,9 @@ def test_languagebind_ignores_clip_text_side_and_buffers_knowingly() -> None:
         "vision_model.head.weight",
     ]
     result = keymaps.map_keys(keys, "languagebind", tower="image_tower")
-    assert result.mapped == {"vision_model.embeddings.patch_embedding.weight": "image_tower.embeddings.patch_embedding.weight"}
+    assert result.mapped == {
+        "vision_model.embeddings.patch_embedding.weight": "image_tower.embeddings.patch_embedding.weight"
+    }
     assert result.ignored == {
         "vision_model.embeddings.position_ids": "position_ids buffer (recomputed)",
         "text_model.encoder.layers.0.mlp.fc1.weight": "CLIP text tower (unused by Video-LLaVA)",
@@ -207,12 +217,17 @@ def test_languagebind_ignores_clip_text_side_and_buffers_knowingly() -> None:
 def test_text_tower_keys_are_not_ignored_outside_a_languagebind_file() -> None:
     # In an LLM checkpoint a `text_model.*` weight is something we do not know: it must not vanish.
     result = keymaps.map_keys(["logit_scale", "model.layers.0.self_attn.rotary_emb.inv_freq"], "original")
-    assert result.ignored == {"model.layers.0.self_attn.rotary_emb.inv_freq": "rotary inv_freq buffer (recomputed)"}
+    assert result.ignored == {
+        "model.layers.0.self_attn.rotary_emb.inv_freq": "rotary inv_freq buffer (recomputed)"
+    }
     assert result.unknown == ["logit_scale"]
 
 
 def test_llm_layout_is_the_language_model_prefix() -> None:
-    assert keymaps.to_ours("model.layers.31.mlp.gate_proj.weight", "llm") == "language_model.model.layers.31.mlp.gate_proj.weight"
+    assert (
+        keymaps.to_ours("model.layers.31.mlp.gate_proj.weight", "llm")
+        == "language_model.model.layers.31.mlp.gate_proj.weight"
+    )
     assert keymaps.to_ours("lm_head.weight", "llm") == "language_model.lm_head.weight"
     assert keymaps.from_ours("language_model.lm_head.weight", "llm") == "lm_head.weight"
     assert keymaps.from_ours("mm_projector.0.weight", "llm") is None
@@ -263,7 +278,11 @@ def test_convert_from_ours_keeps_scope_of_each_layout() -> None:
     video = keymaps.convert_from_ours(state, "languagebind", tower="video_tower")
     assert len(video) == 6 and all(k.startswith("vision_model.") for k in video)
     adapter = keymaps.convert_from_ours(state, "mm_adapter")
-    assert adapter == {"model.mm_projector.0.weight": 6, "model.mm_projector.0.bias": 7, "model.mm_projector.2.weight": 8}
+    assert adapter == {
+        "model.mm_projector.0.weight": 6,
+        "model.mm_projector.0.bias": 7,
+        "model.mm_projector.2.weight": 8,
+    }
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,16 @@ from vidlora.model import keymaps
 from vidlora.model.loading import CheckpointLoadError, load_pretrained
 from vidlora.model.presets import build_preset
 
-VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "image_size", "patch_size", "hidden_act", "layer_norm_eps")
+VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +46,9 @@ def _save_sharded(state: dict[str, torch.Tensor], directory: Path, shards: int =
         part = {k: state[k].contiguous() for k in keys[i::shards]}
         save_file(part, str(directory / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
 
 def _vision_fields(config) -> dict:
@@ -66,8 +76,15 @@ def write_languagebind_tower(directory: Path, model, tower: str, seed: int) -> P
         vision |= {"num_frames": config.num_frames, "add_time_attn": config.add_time_attn}
     kind = "LanguageBindVideo" if tower == "video_tower" else "LanguageBindImage"
     (directory / "config.json").write_text(
-        json.dumps({"model_type": kind, "architectures": ["CLIPModel"], "projection_dim": 32,
-                    "vision_config": vision, "text_config": {"hidden_size": width}})
+        json.dumps(
+            {
+                "model_type": kind,
+                "architectures": ["CLIPModel"],
+                "projection_dim": 32,
+                "vision_config": vision,
+                "text_config": {"hidden_size": width},
+            }
+        )
     )
     return directory
 
@@ -77,7 +94,9 @@ def _llama_fields(model) -> dict:
     return {k: v for k, v in text.items() if k not in ("architectures", "transformers_version", "model_type")}
 
 
-def write_original(directory: Path, model, tokenizer, *, video_dir: Path, image_dir: Path, embed_towers: bool = True) -> Path:
+def write_original(
+    directory: Path, model, tokenizer, *, video_dir: Path, image_dir: Path, embed_towers: bool = True
+) -> Path:
     """Video-LLaVA's own layout: LlavaLlamaForCausalLM config + LLM/projector/embedded-tower weights."""
     directory.mkdir(parents=True)
     state = keymaps.convert_from_ours(model.state_dict(), "original")
@@ -212,7 +231,9 @@ CLIP_TEXT_SIDE = {
 def test_original_layout_round_trip_with_embedded_towers(tmp_path, source, towers) -> None:
     model, tokenizer = source
     video_dir, image_dir = towers
-    ckpt = write_original(tmp_path / "Video-LLaVA-7B", model, tokenizer, video_dir=video_dir, image_dir=image_dir)
+    ckpt = write_original(
+        tmp_path / "Video-LLaVA-7B", model, tokenizer, video_dir=video_dir, image_dir=image_dir
+    )
     assert "model.video_tower.video_tower.encoder.layers.1.temporal_attn.v_proj.weight" in load_file(
         str(ckpt / "model-00001-of-00002.safetensors")
     ) | load_file(str(ckpt / "model-00002-of-00002.safetensors"))
@@ -224,7 +245,8 @@ def test_original_layout_round_trip_with_embedded_towers(tmp_path, source, tower
     # Towers came from the checkpoint itself; the tower directories gave their configs only.
     assert [Path(s.path).parent for s in loaded.report.sources] == [ckpt, ckpt]
     assert_every_tensor_used(
-        loaded.report, allowed_ignored={"rotary inv_freq buffer (recomputed)", "position_ids buffer (recomputed)"}
+        loaded.report,
+        allowed_ignored={"rotary inv_freq buffer (recomputed)", "position_ids buffer (recomputed)"},
     )
     assert "ignored (4): 2 x position_ids buffer (recomputed); 2 x rotary inv_freq buffer (recomputed)" in (
         loaded.report.format()
@@ -238,11 +260,15 @@ def test_original_layout_round_trip_with_embedded_towers(tmp_path, source, tower
 
 def _logits(model, video: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     cfg = model.config
-    ids = [1, 40, 41] + [cfg.video_token_id] * cfg.video_seq_length + [42] + [cfg.image_token_id] * cfg.image_seq_length + [43]
+    ids = (
+        [1, 40, 41]
+        + [cfg.video_token_id] * cfg.video_seq_length
+        + [42]
+        + [cfg.image_token_id] * cfg.image_seq_length
+        + [43]
+    )
     with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor([ids]), pixel_values_videos=video, pixel_values_images=image
-        )
+        out = model(input_ids=torch.tensor([ids]), pixel_values_videos=video, pixel_values_images=image)
     return out.logits
 
 
@@ -262,12 +288,18 @@ def test_original_layout_loaded_model_computes_what_the_source_computes(tmp_path
 def test_original_layout_with_explicit_towers_replaces_embedded_ones(tmp_path, source, towers) -> None:
     model, tokenizer = source
     video_dir, image_dir = towers
-    ckpt = write_original(tmp_path / "ckpt", model, tokenizer, video_dir=tmp_path / "gone", image_dir=tmp_path / "gone")
+    ckpt = write_original(
+        tmp_path / "ckpt", model, tokenizer, video_dir=tmp_path / "gone", image_dir=tmp_path / "gone"
+    )
 
     loaded = load_pretrained(str(ckpt), video_tower=str(video_dir), image_tower=str(image_dir))
 
     assert_same_weights(loaded.model, model.state_dict())
-    assert_every_tensor_used(loaded.report, allowed_ignored=CLIP_TEXT_SIDE | {"replaced by the tower checkpoint", "rotary inv_freq buffer (recomputed)"})
+    assert_every_tensor_used(
+        loaded.report,
+        allowed_ignored=CLIP_TEXT_SIDE
+        | {"replaced by the tower checkpoint", "rotary inv_freq buffer (recomputed)"},
+    )
     replaced = [k for k, r in loaded.report.ignored.items() if r == "replaced by the tower checkpoint"]
     n_tower = sum(1 for k in model.state_dict() if k.startswith(("image_tower.", "video_tower.")))
     assert len(replaced) == n_tower
@@ -276,19 +308,25 @@ def test_original_layout_with_explicit_towers_replaces_embedded_ones(tmp_path, s
 def test_original_layout_without_embedded_towers_reads_tower_weights(tmp_path, source, towers) -> None:
     model, tokenizer = source
     video_dir, image_dir = towers
-    ckpt = write_original(tmp_path / "ckpt", model, tokenizer, video_dir=video_dir, image_dir=image_dir, embed_towers=False)
+    ckpt = write_original(
+        tmp_path / "ckpt", model, tokenizer, video_dir=video_dir, image_dir=image_dir, embed_towers=False
+    )
 
     loaded = load_pretrained(str(ckpt))
 
     assert_same_weights(loaded.model, model.state_dict())
-    assert_every_tensor_used(loaded.report, allowed_ignored=CLIP_TEXT_SIDE | {"rotary inv_freq buffer (recomputed)"})
+    assert_every_tensor_used(
+        loaded.report, allowed_ignored=CLIP_TEXT_SIDE | {"rotary inv_freq buffer (recomputed)"}
+    )
     text_side = [k for src in loaded.report.sources for k, r in src.ignored.items() if "buffer" not in r]
     assert len(text_side) == 2 * 4  # per tower: token embedding, two projections, logit scale
 
 
 def test_original_layout_needs_the_tower_config(tmp_path, source) -> None:
     model, tokenizer = source
-    ckpt = write_original(tmp_path / "ckpt", model, tokenizer, video_dir=tmp_path / "nowhere", image_dir=tmp_path / "nowhere")
+    ckpt = write_original(
+        tmp_path / "ckpt", model, tokenizer, video_dir=tmp_path / "nowhere", image_dir=tmp_path / "nowhere"
+    )
     with pytest.raises(FileNotFoundError, match=r"Pass --image_tower DIR"):
         load_pretrained(str(ckpt))
 
@@ -296,7 +334,9 @@ def test_original_layout_needs_the_tower_config(tmp_path, source) -> None:
 def test_hf_layout_round_trip_states_temporal_attention_absent(tmp_path, source_no_time) -> None:
     model, tokenizer = source_no_time
     ckpt = write_hf(tmp_path / "Video-LLaVA-7B-hf", model, tokenizer)
-    assert "image_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight" in load_file(str(ckpt / "model.safetensors"))
+    assert "image_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight" in load_file(
+        str(ckpt / "model.safetensors")
+    )
 
     loaded = load_pretrained(str(ckpt))
 
@@ -338,7 +378,9 @@ def test_hf_layout_with_temporal_keys_is_unexpected(tmp_path, source) -> None:
     save_file(state, str(ckpt / "model.safetensors"))
     hf_config(model).save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
-    with pytest.raises(CheckpointLoadError, match=r"unexpected \(22\):\n    video_tower\.temporal: 22 ") as err:
+    with pytest.raises(
+        CheckpointLoadError, match=r"unexpected \(22\):\n    video_tower\.temporal: 22 "
+    ) as err:
         load_pretrained(str(ckpt))
     assert "temporal_attn" in str(err.value)
 
@@ -359,7 +401,10 @@ def test_llm_plus_towers_plus_adapter_round_trip(tmp_path, source, towers, adapt
     assert_same_weights(loaded.model, model.state_dict())
     assert_every_tensor_used(loaded.report, allowed_ignored=CLIP_TEXT_SIDE)
     assert [Path(s.path).name for s in loaded.report.sources] == [
-        "model.safetensors", "model.safetensors", "model.safetensors", adapter_name
+        "model.safetensors",
+        "model.safetensors",
+        "model.safetensors",
+        adapter_name,
     ]
 
 
@@ -371,7 +416,9 @@ def test_tied_llm_loads_tied(tmp_path, towers) -> None:
     video_dir, image_dir = towers
     adapter = write_adapter(tmp_path / "mm_projector.safetensors", model)
 
-    loaded = load_pretrained(str(llm), video_tower=str(video_dir), image_tower=str(image_dir), pretrain_mm_mlp_adapter=str(adapter))
+    loaded = load_pretrained(
+        str(llm), video_tower=str(video_dir), image_tower=str(image_dir), pretrain_mm_mlp_adapter=str(adapter)
+    )
 
     assert loaded.report.ok, loaded.report.format()
     lm = loaded.model.language_model
@@ -388,7 +435,12 @@ def test_llm_without_adapter_initialises_the_projector_from_the_seed(tmp_path, s
     second = load_pretrained(str(llm), video_tower=str(video_dir), image_tower=str(image_dir), seed=5)
 
     assert first.report.ok
-    assert first.report.initialised == ["mm_projector.0.weight", "mm_projector.0.bias", "mm_projector.2.weight", "mm_projector.2.bias"]
+    assert first.report.initialised == [
+        "mm_projector.0.weight",
+        "mm_projector.0.bias",
+        "mm_projector.2.weight",
+        "mm_projector.2.bias",
+    ]
     w0 = first.model.mm_projector[0].weight
     assert torch.equal(w0, second.model.mm_projector[0].weight)
     assert not torch.equal(w0, model.mm_projector[0].weight)
@@ -400,7 +452,9 @@ def test_projector_type_for_a_plain_llm_and_conflicts(tmp_path, source, towers) 
     model, tokenizer = source
     video_dir, image_dir = towers
     llm = write_llm(tmp_path / "vicuna", model, tokenizer)
-    loaded = load_pretrained(str(llm), video_tower=str(video_dir), image_tower=str(image_dir), mm_projector_type="linear")
+    loaded = load_pretrained(
+        str(llm), video_tower=str(video_dir), image_tower=str(image_dir), mm_projector_type="linear"
+    )
     assert isinstance(loaded.model.mm_projector, torch.nn.Linear)
     assert loaded.report.initialised == ["mm_projector.weight", "mm_projector.bias"]
 
@@ -423,7 +477,12 @@ def test_adapter_bin_is_read_weights_only(tmp_path, source, towers) -> None:
     evil = tmp_path / "mm_projector.bin"
     torch.save({"model.mm_projector.0.weight": torch.zeros(1), "note": object()}, evil)
     with pytest.raises(CheckpointLoadError, match="weights-only"):
-        load_pretrained(str(llm), video_tower=str(video_dir), image_tower=str(image_dir), pretrain_mm_mlp_adapter=str(evil))
+        load_pretrained(
+            str(llm),
+            video_tower=str(video_dir),
+            image_tower=str(image_dir),
+            pretrain_mm_mlp_adapter=str(evil),
+        )
 
 
 def _wordlevel_tokenizer() -> PreTrainedTokenizerFast:
@@ -433,7 +492,9 @@ def _wordlevel_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": 3 + i for i in range(20)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def test_tokens_added_and_embeddings_resized_to_the_mean(tmp_path, towers) -> None:
@@ -455,7 +516,11 @@ def test_tokens_added_and_embeddings_resized_to_the_mean(tmp_path, towers) -> No
     assert torch.allclose(emb[23:], src_emb.mean(0).expand(3, -1))
     assert torch.allclose(head[23:], model.language_model.lm_head.weight.mean(0).expand(3, -1))
     assert loaded.model.config.text_config.vocab_size == 26
-    assert (loaded.model.config.image_token_id, loaded.model.config.video_token_id, loaded.model.config.pad_token_id) == (23, 24, 25)
+    assert (
+        loaded.model.config.image_token_id,
+        loaded.model.config.video_token_id,
+        loaded.model.config.pad_token_id,
+    ) == (23, 24, 25)
     text = loaded.report.format()
     assert "added special tokens <image>, <video>, <pad> (23 -> 26)" in text
     assert "embeddings resized 23 -> 26" in text
@@ -474,8 +539,12 @@ def test_our_layout_round_trip_and_dtype(tmp_path, source) -> None:
 
     half = load_pretrained(str(tmp_path / "merged"), torch_dtype="bfloat16")
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
-    reference = model.state_dict()["video_tower.encoder.layers.1.temporal_attn.q_proj.weight"].to(torch.bfloat16)
-    assert torch.equal(half.model.state_dict()["video_tower.encoder.layers.1.temporal_attn.q_proj.weight"], reference)
+    reference = model.state_dict()["video_tower.encoder.layers.1.temporal_attn.q_proj.weight"].to(
+        torch.bfloat16
+    )
+    assert torch.equal(
+        half.model.state_dict()["video_tower.encoder.layers.1.temporal_attn.q_proj.weight"], reference
+    )
 
 
 def test_meta_device_reads_structure_only(tmp_path, source, towers) -> None:
@@ -501,7 +570,10 @@ def test_info_on_a_checkpoint_directory_reads_no_weights(tmp_path, source, tower
     for shard in ckpt.glob("*.safetensors"):
         shard.unlink()
 
-    assert info.main(["--model_name_or_path", str(ckpt), "--lora_enable", "True", "--lora_r", "8", "--json"]) == 0
+    assert (
+        info.main(["--model_name_or_path", str(ckpt), "--lora_enable", "True", "--lora_r", "8", "--json"])
+        == 0
+    )
 
     result = json.loads(capsys.readouterr().out)
     assert result["parts"] == info.count_parameters(model).parts
@@ -519,7 +591,11 @@ def llm_dirs(tmp_path, source, towers):
     llm = write_llm(tmp_path / "vicuna", model, tokenizer)
     adapter = write_adapter(tmp_path / "mm_projector.safetensors", model)
     video_dir, image_dir = towers
-    return llm, {"video_tower": str(video_dir), "image_tower": str(image_dir), "pretrain_mm_mlp_adapter": str(adapter)}
+    return llm, {
+        "video_tower": str(video_dir),
+        "image_tower": str(image_dir),
+        "pretrain_mm_mlp_adapter": str(adapter),
+    }
 
 
 def _edit_llm(llm: Path, edit) -> None:
@@ -531,21 +607,28 @@ def _edit_llm(llm: Path, edit) -> None:
 def test_missing_key_raises_and_names_it(llm_dirs) -> None:
     llm, kwargs = llm_dirs
     _edit_llm(llm, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointLoadError, match=r"missing \(1\):\n    language_model: 1 \(language_model\.model\.layers\.1\.mlp\.up_proj\.weight\)"):
+    with pytest.raises(
+        CheckpointLoadError,
+        match=r"missing \(1\):\n    language_model: 1 \(language_model\.model\.layers\.1\.mlp\.up_proj\.weight\)",
+    ):
         load_pretrained(str(llm), **kwargs)
 
 
 def test_shape_mismatch_raises_naming_key_and_both_shapes(llm_dirs) -> None:
     llm, kwargs = llm_dirs
     _edit_llm(llm, lambda s: s.update({"model.norm.weight": torch.ones(96)}))
-    with pytest.raises(CheckpointLoadError, match=r"language_model\.model\.norm\.weight: checkpoint \[96\] vs model \[128\]"):
+    with pytest.raises(
+        CheckpointLoadError, match=r"language_model\.model\.norm\.weight: checkpoint \[96\] vs model \[128\]"
+    ):
         load_pretrained(str(llm), **kwargs)
 
 
 def test_unknown_extra_weight_raises(llm_dirs) -> None:
     llm, kwargs = llm_dirs
     _edit_llm(llm, lambda s: s.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(128)}))
-    with pytest.raises(CheckpointLoadError, match=r"(?s)unexpected \(1\).*model\.layers\.0\.self_attn\.q_norm\.weight"):
+    with pytest.raises(
+        CheckpointLoadError, match=r"(?s)unexpected \(1\).*model\.layers\.0\.self_attn\.q_norm\.weight"
+    ):
         load_pretrained(str(llm), **kwargs)
 
 
@@ -568,7 +651,10 @@ def test_non_strict_loads_and_reports(llm_dirs, source) -> None:
     # Everything else is the source's.
     model, _ = source
     got = loaded.model.state_dict()
-    assert torch.equal(got["language_model.model.layers.0.mlp.up_proj.weight"], model.state_dict()["language_model.model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(
+        got["language_model.model.layers.0.mlp.up_proj.weight"],
+        model.state_dict()["language_model.model.layers.0.mlp.up_proj.weight"],
+    )
     assert not got["language_model.model.norm.weight"].is_meta
 
 
@@ -585,7 +671,10 @@ def test_report_format_groups_by_part(llm_dirs) -> None:
 
 def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"LanguageBind/Video-LLaVA-7B: not a local directory, and the Hugging Face Hub could not provide it"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"LanguageBind/Video-LLaVA-7B: not a local directory, and the Hugging Face Hub could not provide it",
+    ):
         load_pretrained("LanguageBind/Video-LLaVA-7B", cache_dir=str(tmp_path))
 
 

@@ -104,7 +104,10 @@ def test_nonfinite_stop_halts_at_the_poisoned_step_without_saving_it(tmp_path, t
     args = make_args(tmp_path)
     assert args.logging_nan_inf_filter  # the default that hides NaN losses from the logs
     trainer = trainer_cls(
-        model=PoisonableRegressor(poison_call=3, mode=mode), args=args, train_dataset=Pairs(), callbacks=[stop]
+        model=PoisonableRegressor(poison_call=3, mode=mode),
+        args=args,
+        train_dataset=Pairs(),
+        callbacks=[stop],
     )
     trainer.train()
     assert trainer.state.global_step == 3
@@ -116,8 +119,12 @@ def test_nonfinite_stop_halts_at_the_poisoned_step_without_saving_it(tmp_path, t
 
 def test_nonfinite_stop_is_silent_on_a_finite_run(tmp_path):
     stop = NonFiniteStop()
-    trainer = Trainer(model=PoisonableRegressor(), args=make_args(tmp_path, max_steps=3, save_steps=2),
-                      train_dataset=Pairs(), callbacks=[stop])
+    trainer = Trainer(
+        model=PoisonableRegressor(),
+        args=make_args(tmp_path, max_steps=3, save_steps=2),
+        train_dataset=Pairs(),
+        callbacks=[stop],
+    )
     trainer.train()
     assert trainer.state.global_step == 3
     assert checkpoints(tmp_path) == [2, 3]
@@ -127,8 +134,12 @@ def test_nonfinite_stop_is_silent_on_a_finite_run(tmp_path):
 
 def test_nonfinite_stop_names_step_one_when_nothing_was_saved(tmp_path):
     stop = NonFiniteStop()
-    trainer = Trainer(model=PoisonableRegressor(poison_call=1), args=make_args(tmp_path),
-                      train_dataset=Pairs(), callbacks=[stop])
+    trainer = Trainer(
+        model=PoisonableRegressor(poison_call=1),
+        args=make_args(tmp_path),
+        train_dataset=Pairs(),
+        callbacks=[stop],
+    )
     trainer.train()
     assert trainer.state.global_step == 1
     assert checkpoints(tmp_path) == []
@@ -197,8 +208,13 @@ def test_token_count_logger_adds_trained_tokens_to_the_log(tmp_path):
             return {"input_ids": torch.zeros(5, dtype=torch.long), "labels": labels}
 
     counter = TokenCountLogger()
-    args = make_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2,
-                     save_strategy="no")
+    args = make_args(
+        tmp_path,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        save_strategy="no",
+    )
     trainer = ObservingTrainer(model=TokenModel(), args=args, train_dataset=Rows(), callbacks=[counter])
     trainer.train()
     assert sorted(counter.step_tokens.values()) == [1, 5]  # rows {0,1} and {2,3}, in some order
@@ -217,8 +233,13 @@ def _png_size(path) -> tuple[int, int]:
 def test_loss_curve_writer_draws_train_and_eval_loss(tmp_path):
     writer = LossCurveWriter()
     args = make_args(tmp_path, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2)
-    trainer = Trainer(model=PoisonableRegressor(), args=args, train_dataset=Pairs(), eval_dataset=Pairs(4),
-                      callbacks=[writer])
+    trainer = Trainer(
+        model=PoisonableRegressor(),
+        args=args,
+        train_dataset=Pairs(),
+        eval_dataset=Pairs(4),
+        callbacks=[writer],
+    )
     trainer.train()
     png = tmp_path / "run" / "loss.png"
     assert writer.written == png
@@ -229,8 +250,12 @@ def test_loss_curve_writer_draws_train_and_eval_loss(tmp_path):
 
 
 def test_plot_loss_curve_keeps_nan_points_and_skips_empty_histories(tmp_path):
-    history = [{"loss": 2.0, "step": 1}, {"loss": float("nan"), "step": 2}, {"eval_loss": 1.5, "step": 2},
-               {"train_runtime": 3.0, "step": 2}]
+    history = [
+        {"loss": 2.0, "step": 1},
+        {"loss": float("nan"), "step": 2},
+        {"eval_loss": 1.5, "step": 2},
+        {"train_runtime": 3.0, "step": 2},
+    ]
     steps, values = loss_series(history, "loss")
     assert steps == [1, 2] and values[0] == 2.0 and math.isnan(values[1])
     assert plot_loss_curve(history, tmp_path / "a" / "loss.png") == tmp_path / "a" / "loss.png"

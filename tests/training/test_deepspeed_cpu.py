@@ -58,21 +58,42 @@ def _worker(output_dir: str) -> None:
             return {"input_ids": self.ids[i], "labels": labels}
 
     args = TrainingArguments(
-        output_dir=output_dir, deepspeed=str(ZERO3), use_cpu=True, bf16=True, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, max_steps=MAX_STEPS, learning_rate=1e-3, logging_steps=1,
-        save_strategy="steps", save_steps=2, report_to="none", lr_scheduler_type="cosine", warmup_steps=0.03,
-        disable_tqdm=True, seed=0,
+        output_dir=output_dir,
+        deepspeed=str(ZERO3),
+        use_cpu=True,
+        bf16=True,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=MAX_STEPS,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        disable_tqdm=True,
+        seed=0,
     )
     assert init_deepspeed_distributed(args.deepspeed, args.ddp_timeout)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM._from_config(config)  # partitioned at construction by zero.Init
     partitioned = model.model.embed_tokens.weight.numel() == 0
-    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=RANK, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     stop, tokens = NonFiniteStop(), TokenCountLogger()
-    trainer = ObservingTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[stop, tokens, LossCurveWriter()])
+    trainer = ObservingTrainer(
+        model=model, args=args, train_dataset=Tokens(), callbacks=[stop, tokens, LossCurveWriter()]
+    )
     trainer.train()
     stop.raise_if_failed()
     trainer.save_model(os.path.join(output_dir, "final"))
@@ -81,7 +102,9 @@ def _worker(output_dir: str) -> None:
             "partitioned_at_init": partitioned,
             "world_size": args.world_size,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-            "trained_tokens": [h["trained_tokens"] for h in trainer.state.log_history if "trained_tokens" in h],
+            "trained_tokens": [
+                h["trained_tokens"] for h in trainer.state.log_history if "trained_tokens" in h
+            ],
         }
         Path(output_dir, "report.json").write_text(json.dumps(report))
 
@@ -100,23 +123,36 @@ def test_launcher_env_is_required_before_deepspeed_starts(monkeypatch):
     )
 
     assert missing_launcher_env({}) == ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
-    assert missing_launcher_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h",
-                                 "MASTER_PORT": "1"}) == []
+    assert (
+        missing_launcher_env(
+            {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+        )
+        == []
+    )
     assert init_deepspeed_distributed(None) is False
     monkeypatch.setenv("RANK", "0")
     for name in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(LauncherRequired, match=r"missing environment: LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
+    with pytest.raises(
+        LauncherRequired, match=r"missing environment: LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"
+    ):
         init_deepspeed_distributed(str(ZERO3))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install 'vidlora[deepspeed]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (pip install 'vidlora[deepspeed]')",
+)
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
 def test_zero3_two_cpu_processes_train_save_and_gather(tmp_path):
     from safetensors import safe_open
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
     command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), __file__, str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

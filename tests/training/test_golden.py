@@ -43,7 +43,9 @@ def test_first_four_losses_are_pinned(reference_run):
     assert rates == pytest.approx(expected, abs=1e-12)
 
 
-def test_gradient_checkpointing_does_not_change_the_losses(reference_run, seed_argv, train_in_process, tmp_path):
+def test_gradient_checkpointing_does_not_change_the_losses(
+    reference_run, seed_argv, train_in_process, tmp_path
+):
     trainer, _ = reference_run
     argv = seed_argv(tmp_path / "out", save_steps="2", save_total_limit=None, gradient_checkpointing="False")
     plain = train_in_process(argv)

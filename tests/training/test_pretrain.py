@@ -16,7 +16,12 @@ from vidlora.model.keymaps import to_ours
 from vidlora.model.presets import build_preset
 
 NON_LORA = "non_lora_trainables.safetensors"
-PROJECTOR_KEYS = ["mm_projector.0.bias", "mm_projector.0.weight", "mm_projector.2.bias", "mm_projector.2.weight"]
+PROJECTOR_KEYS = [
+    "mm_projector.0.bias",
+    "mm_projector.0.weight",
+    "mm_projector.2.bias",
+    "mm_projector.2.weight",
+]
 # tiny: Linear(64 -> 128) + GELU + Linear(128 -> 128), float32
 PROJECTOR_BYTES = 4 * (64 * 128 + 128 + 128 * 128 + 128)
 FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")
@@ -75,7 +80,9 @@ def test_resume_replays_the_uninterrupted_pretraining(pretrain_run, seed_argv, t
     out = tmp_path / "out"
     out.mkdir()
     shutil.copytree(ref_out / "checkpoint-2", out / "checkpoint-2")
-    resumed = train_in_process(_pretrain_argv(seed_argv, out, resume_from_checkpoint=str(out / "checkpoint-2")))
+    resumed = train_in_process(
+        _pretrain_argv(seed_argv, out, resume_from_checkpoint=str(out / "checkpoint-2"))
+    )
 
     def step_losses(trainer) -> dict[int, float]:
         return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}

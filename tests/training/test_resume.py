@@ -21,7 +21,12 @@ from vidlora.infer.load import load_for_inference
 
 NON_LORA = "non_lora_trainables.safetensors"
 CHECKPOINTS = ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
-PROJECTOR_KEYS = ["mm_projector.0.bias", "mm_projector.0.weight", "mm_projector.2.bias", "mm_projector.2.weight"]
+PROJECTOR_KEYS = [
+    "mm_projector.0.bias",
+    "mm_projector.0.weight",
+    "mm_projector.2.bias",
+    "mm_projector.2.weight",
+]
 # 2 LLM layers x 7 linears (q, k, v, o, gate, up, down) x (A, B)
 ADAPTER_TENSORS = 2 * 7 * 2
 RESUME_FROM = 2
@@ -80,8 +85,14 @@ def test_a_checkpoint_loads_alone_for_inference(reference_run, where):
     base = model.get_base_model()
     projector = {f"mm_projector.{k}": v for k, v in base.mm_projector.state_dict().items()}
     _assert_same_tensors(projector, load_file(str(directory / NON_LORA)))
-    _assert_same_tensors(get_peft_model_state_dict(model), load_file(str(directory / "adapter_model.safetensors")))
-    assert (loaded.settings.template, loaded.settings.num_frames, loaded.settings.image_aspect_ratio) == ("v1", 8, "pad")
+    _assert_same_tensors(
+        get_peft_model_state_dict(model), load_file(str(directory / "adapter_model.safetensors"))
+    )
+    assert (loaded.settings.template, loaded.settings.num_frames, loaded.settings.image_aspect_ratio) == (
+        "v1",
+        8,
+        "pad",
+    )
     assert len(loaded.tokenizer) == base.get_input_embeddings().num_embeddings
 
 
@@ -106,7 +117,6 @@ def test_resume_replays_the_uninterrupted_run(reference_run, seed_argv, train_in
     assert [e["eval_loss"] for e in resumed.state.log_history if "eval_loss" in e] == ref_eval
     for name in ("adapter_model.safetensors", NON_LORA):
         _assert_same_tensors(load_file(str(out / name)), load_file(str(ref_out / name)))
-
 
 
 def test_resume_replays_the_next_epoch_too(synth_dir, seed_argv, train_in_process, tmp_path):

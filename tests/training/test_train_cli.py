@@ -100,7 +100,11 @@ def test_main_returns_2_and_prints_every_problem(seed_argv, tmp_path, monkeypatc
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "vidlora train: 3 problem(s) with the arguments:" in err
-    for text in ("--bits 3: use 4, 8 or 16.", "--data_path is required", "--num_frames 0: must be at least 1."):
+    for text in (
+        "--bits 3: use 4, 8 or 16.",
+        "--data_path is required",
+        "--num_frames 0: must be at least 1.",
+    ):
         assert text in err
     assert not (tmp_path / "out").exists()
 
@@ -160,7 +164,9 @@ def test_qlora_4bit_trains_on_cpu_and_writes_a_checkpoint(seed_argv, train_in_pr
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.language_model.modules())
 
 
-def test_projector_lr_has_its_own_groups_and_the_log_shows_the_main_rate(seed_argv, train_in_process, tmp_path):
+def test_projector_lr_has_its_own_groups_and_the_log_shows_the_main_rate(
+    seed_argv, train_in_process, tmp_path
+):
     argv = seed_argv(
         tmp_path / "out", mm_projector_lr="2e-5", warmup_ratio="0", max_steps="2", save_steps="2",
         per_device_train_batch_size="2", gradient_accumulation_steps="1", evaluation_strategy="no",
@@ -188,5 +194,8 @@ def test_deepspeed_without_a_launcher_returns_1_before_loading(seed_argv, tmp_pa
     _refuse_model_loading(monkeypatch)
     assert main(seed_argv(tmp_path / "out", deepspeed=str(ZERO3))) == 1
     err = capsys.readouterr().err
-    assert "vidlora train: --deepspeed needs a distributed launcher (missing environment: RANK, LOCAL_RANK" in err
+    assert (
+        "vidlora train: --deepspeed needs a distributed launcher (missing environment: RANK, LOCAL_RANK"
+        in err
+    )
     assert "deepspeed --num_gpus N --module vidlora.train" in err

@@ -70,7 +70,16 @@ def _launch_zero3(argv: list[str]) -> None:
         DS_ACCELERATOR="cpu",
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
     )
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "vidlora.train", *argv]
+    command = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "vidlora.train",
+        *argv,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
 
