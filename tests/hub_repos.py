@@ -412,7 +412,7 @@ def tiny_sp_model(*, temporal: bool = True, vocab_size: int | None = None, seed:
     """The tiny preset's sizes with the SentencePiece vocabulary (no media tokens yet), random weights."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from vidlora.model.config import LanguageBindVideoConfig, VideoLlavaConfig
+    from vidlora.model.configuration import LanguageBindVideoConfig, VideoLlavaConfig
     from vidlora.model.modeling import VideoLlavaForCausalLM
     from vidlora.model.presets import PRESETS
 

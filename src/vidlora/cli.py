@@ -1,21 +1,24 @@
-"""The `vidlora` command: one entry point, one module per sub-command.
+"""The `vidlora` command: one entry point, one module per sub-command, one error policy.
 
-Each sub-command lives in its own module and exposes ``main(argv) -> int``; this file only
-dispatches, importing the chosen module lazily so that `vidlora info` never pays for the
-training stack and `vidlora train` keeps the seed's flags parsed by its own dataclasses.
+Each sub-command lives in its own module and exposes ``main(argv) -> int``; this file dispatches,
+importing the chosen module lazily so that `vidlora info` never pays for the training stack, and
+turns a :class:`~vidlora.errors.VidloraError` into ``vidlora <cmd>: error: …`` with exit status 2.
+Modules started by a launcher (``deepspeed --module vidlora.train``, ``torchrun -m
+vidlora.infer.predict``) go through :func:`run_command` too.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 
 # name -> (module exposing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vidlora.model.info", "parameter counts per part, trainable vs frozen under a LoRA recipe"),
     "synth": ("vidlora.data.synthetic", "write a synthetic video/image QA dataset (real mp4 files)"),
     "check": ("vidlora.data.check", "read every sample the way training would and report every problem"),
-    "train": ("vidlora.train", "LoRA fine-tuning with the seed's flags (launchable by deepspeed/torchrun)"),
+    "train": ("vidlora.train", "LoRA fine-tuning with the original's flags (launchable by deepspeed/torchrun)"),
     "demo": ("vidlora.demo", "synth data, score, fine-tune the tiny model, score again"),
     "chat": ("vidlora.infer.chat", "interactive chat about a video or image"),
     "predict": ("vidlora.infer.predict", "batched generation over a dataset"),
@@ -54,8 +57,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vidlora: the {name!r} command is not available in this version", file=sys.stderr)
             return 2
         raise
-    result = module.main(rest)
-    return int(result or 0)
+    return run_command(name, module.main, rest)
+
+
+def run_command(name: str, command: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run one sub-command's ``main``; a user error becomes one message on stderr and exit status 2."""
+    from vidlora.errors import VidloraError
+
+    try:
+        return int(command(argv) or 0)
+    except VidloraError as err:
+        print(f"vidlora {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

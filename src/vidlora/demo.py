@@ -279,7 +279,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def run_demo(config: DemoConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Run the five stages (module docstring); returns the metrics also written to ``metrics.json``."""
-    from vidlora.config import parse_train_args
+    from vidlora.args import parse_train_args
     from vidlora.data.synthetic import generate_dataset
     from vidlora.infer.load import load_for_inference
     from vidlora.train import run
@@ -423,4 +423,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vidlora.cli import run_command
+
+    raise SystemExit(run_command("demo", main, sys.argv[1:]))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vidlora.config import (
+from vidlora.args import (
     ArgumentProblems,
     DataArguments,
     ModelArguments,
@@ -234,4 +234,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vidlora.cli import run_command
+
+    raise SystemExit(run_command("train", main, sys.argv[1:]))

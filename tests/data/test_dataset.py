@@ -297,7 +297,7 @@ def test_unreadable_record_file_or_nothing_left_is_fatal_even_when_skipping(toke
 def test_from_args_uses_the_model_config(tokenizer, data_dir):
     from types import SimpleNamespace
 
-    from vidlora.config import DataArguments, ModelArguments
+    from vidlora.args import DataArguments, ModelArguments
     from vidlora.model.presets import build_config
 
     config = build_config("tiny", tokenizer=tokenizer)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
-from vidlora.model.config import LanguageBindVideoConfig, VideoLlavaConfig
+from vidlora.model.configuration import LanguageBindVideoConfig, VideoLlavaConfig
 from vidlora.model.modeling import VideoLlavaForCausalLM, register_auto_classes
 from vidlora.model.projector import build_projector
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from vidlora.model.config import VideoLlavaConfig
+from vidlora.model.configuration import VideoLlavaConfig
 from vidlora.model.presets import PRESETS, build_config, build_preset, get_preset
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidlora.model.config import LanguageBindVideoConfig
+from vidlora.model.configuration import LanguageBindVideoConfig
 from vidlora.model.towers import ClipVisionTower, LanguageBindEncoderLayer, LanguageBindVideoTower
 
 HIDDEN, HEADS, LAYERS, FRAMES, SIZE, PATCH = 32, 4, 2, 4, 32, 16

@@ -110,7 +110,7 @@ def seed_argv(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Call
 @pytest.fixture(scope="session")
 def train_in_process() -> Callable[[list[str]], object]:
     """``train_in_process(argv)``: parse like `vidlora train` and run; returns the Trainer."""
-    from vidlora.config import parse_train_args
+    from vidlora.args import parse_train_args
     from vidlora.train import run
 
     def train(argv: list[str]):

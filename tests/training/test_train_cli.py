@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vidlora.config import ArgumentProblems, parse_train_args
+from vidlora.args import ArgumentProblems, parse_train_args
 from vidlora.train import main
 
 ROOT = Path(__file__).resolve().parents[2]

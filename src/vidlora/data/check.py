@@ -524,4 +524,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vidlora.cli import run_command
+
+    raise SystemExit(run_command("check", main, sys.argv[1:]))

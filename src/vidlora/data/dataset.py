@@ -40,6 +40,7 @@ from vidlora.data.records import RecordError, Sample, read_records, resolve_medi
 from vidlora.data.templates import Template, get_template
 from vidlora.data.tokenize import MediaTokenCounts, TokenizationError, TokenizedSample, tokenize_sample
 from vidlora.data.transforms import PixelSpec, preprocess_image, preprocess_video
+from vidlora.errors import VidloraError
 from vidlora.model.tokenizer import MediaTokenIds, media_token_ids
 
 #: ``--image_aspect_ratio`` values -> :func:`preprocess_image` ``aspect`` ("square" = plain resize + crop).
@@ -115,7 +116,7 @@ class SampleProblem:
         }
 
 
-class SampleError(ValueError):
+class SampleError(VidloraError, ValueError):
     """A sample cannot be turned into a training item; the message names id, index and files."""
 
     def __init__(self, problem: SampleProblem, advice: str | None = ADVICE) -> None:
@@ -124,7 +125,7 @@ class SampleError(ValueError):
         super().__init__(message + (f"\n  ({advice})" if advice else ""))
 
 
-class BadSamplesError(ValueError):
+class BadSamplesError(VidloraError, ValueError):
     """Construction found bad samples and ``skip_bad_samples`` is off; lists every problem."""
 
     def __init__(self, problems: Sequence[SampleProblem], shown: int = 20, note: str | None = None) -> None:
@@ -350,7 +351,7 @@ class SupervisedDataset(Dataset):
         eval_split: bool = False,
     ) -> SupervisedDataset:
         """Build the training (or, with ``eval_split``, the ``--eval_data_path``) dataset from the
-        argument dataclasses of :mod:`vidlora.config` and the model's config.
+        argument dataclasses of :mod:`vidlora.args` and the model's config.
 
         Raises:
             ValueError: ``--num_frames`` differs from the video tower's fixed frame count, or the

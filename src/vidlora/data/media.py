@@ -34,8 +34,10 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageOps
 
+from vidlora.errors import VidloraError
 
-class MediaError(ValueError):
+
+class MediaError(VidloraError, ValueError):
     """A media file is missing, empty, corrupt or unsupported; the message names the file and the reason."""
 
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vidlora.errors import VidloraError
+
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 ROLES = ("human", "gpt")
@@ -47,7 +49,7 @@ PLACEHOLDER_MISMATCH = "placeholder_mismatch"
 _ErrorFn = Callable[..., "RecordError"]
 
 
-class RecordError(ValueError):
+class RecordError(VidloraError, ValueError):
     """A record file or sample is invalid. The message names file, sample index, id and field.
 
     ``kind`` is a stable category for reports: ``"invalid_file"`` (the file cannot be read as

@@ -34,11 +34,13 @@ from enum import Enum
 from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
+from vidlora.errors import VidloraError
+
 #: Media placeholders that may appear in user turns (kept as text; expanded at tokenisation).
 PLACEHOLDER_PATTERN = re.compile(r"<image>|<video>")
 
 
-class TemplateError(ValueError):
+class TemplateError(VidloraError, ValueError):
     """A conversation cannot be rendered with a template (bad roles, order, empty text)."""
 
 

@@ -57,12 +57,13 @@ from vidlora.data.templates import (
     TemplateError,
     get_template,
 )
+from vidlora.errors import VidloraError
 from vidlora.model.tokenizer import MediaTokenIds, media_token_ids
 
 IGNORE_INDEX = -100
 
 
-class TokenizationError(ValueError):
+class TokenizationError(VidloraError, ValueError):
     """A sample cannot be tokenised as asked (truncation would cut media, nothing left to train)."""
 
     def __init__(self, reason: str, sample_id: str | None = None) -> None:

@@ -42,6 +42,8 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from vidlora.errors import VidloraError
+
 SYSTEM_PROMPT = (
     "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
     "question-answer pairs. "
@@ -76,7 +78,7 @@ NONE_BUCKET = "(none)"
 Status = Literal["ok", "parse_failure", "error"]
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(VidloraError, ValueError):
     """Judge options that cannot work (missing URL/model, unset API-key variable, bad numbers)."""
 
 
@@ -84,7 +86,7 @@ class JudgeParseError(ValueError):
     """A judge reply that is not a valid ``{'pred': yes|no, 'score': 0-5}`` dict."""
 
 
-class JudgeCacheError(ValueError):
+class JudgeCacheError(VidloraError, ValueError):
     """A judge cache file with a line that is not a cache entry."""
 
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vidlora.errors import VidloraError
+
 NONE_BUCKET = "(none)"
 """Group name for records without a ``type`` / ``modality`` field (shown, not dropped)."""
 
@@ -45,7 +47,7 @@ _ASSISTANT_ROLES = frozenset({"gpt", "assistant"})
 _HUMAN_ROLES = frozenset({"human", "user"})
 
 
-class EvalInputError(ValueError):
+class EvalInputError(VidloraError, ValueError):
     """A predictions or data file that cannot be scored; the message names the file and the item."""
 
 
@@ -406,4 +408,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vidlora.cli import run_command
+
+    raise SystemExit(run_command("eval", main, sys.argv[1:]))

@@ -143,7 +143,7 @@ def _bool(value: str) -> bool:
 
 def _training_default(name: str) -> object:
     # Defaults live with the training arguments; read them without building TrainingArguments.
-    from vidlora.config import TrainingArguments
+    from vidlora.args import TrainingArguments
 
     return TrainingArguments.__dataclass_fields__[name].default
 
@@ -196,4 +196,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vidlora.cli import run_command
+
+    raise SystemExit(run_command("info", main, sys.argv[1:]))

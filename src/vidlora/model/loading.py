@@ -41,8 +41,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from vidlora.errors import VidloraError
 from vidlora.model import keymaps
-from vidlora.model.config import MODEL_TYPE, LanguageBindVideoConfig, VideoLlavaConfig
+from vidlora.model.configuration import MODEL_TYPE, LanguageBindVideoConfig, VideoLlavaConfig
 from vidlora.model.tokenizer import add_media_tokens
 
 PRESETS = ("tiny", "videollava-7b")
@@ -71,7 +72,7 @@ _LLAVA_ONLY = re.compile(r"^(mm_|image_aspect_ratio|tune_mm|freeze_mm|use_mm_pro
 _PREVIEW = 5
 
 
-class CheckpointLoadError(ValueError):
+class CheckpointLoadError(VidloraError, ValueError):
     """A checkpoint did not load cleanly; `report` says exactly what is wrong."""
 
     def __init__(self, message: str, report: LoadReport | None = None) -> None:

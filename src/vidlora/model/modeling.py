@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPVisionEmbeddings
 
-from vidlora.model.config import MODEL_TYPE, VideoLlavaConfig
+from vidlora.model.configuration import MODEL_TYPE, VideoLlavaConfig
 from vidlora.model.projector import build_projector
 from vidlora.model.towers import ClipVisionTower, LanguageBindEncoderLayer, LanguageBindVideoTower
 

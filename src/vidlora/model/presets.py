@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerBase
 
-from vidlora.model.config import LanguageBindVideoConfig, VideoLlavaConfig
+from vidlora.model.configuration import LanguageBindVideoConfig, VideoLlavaConfig
 from vidlora.model.modeling import VideoLlavaForCausalLM
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, CLIPVisionEmbeddings
 
-from vidlora.model.config import LanguageBindVideoConfig
+from vidlora.model.configuration import LanguageBindVideoConfig
 
 
 class LanguageBindEncoderLayer(CLIPEncoderLayer):

@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+from vidlora.errors import VidloraError
+
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class LauncherRequired(RuntimeError):
+class LauncherRequired(VidloraError, RuntimeError):
     """--deepspeed was given to a process that no distributed launcher started."""
 
 

@@ -16,13 +16,15 @@ from types import SimpleNamespace
 
 import transformers
 
+from vidlora.errors import VidloraError
+
 SUPPORTED_MODALITIES = ("Video", "Image")
 ASPECT_RATIOS = ("pad", "square")
 LORA_BIASES = ("none", "all", "lora_only")
 QUANT_BITS = (4, 8, 16)
 
 
-class ArgumentProblems(ValueError):
+class ArgumentProblems(VidloraError, ValueError):
     """Several argument problems, reported together."""
 
     def __init__(self, problems: list[str]) -> None:
