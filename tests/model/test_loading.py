@@ -147,7 +147,7 @@ def hf_config(model, *, vision_model_prefix: bool = True) -> VideoLlavaConfig:
 def write_hf(directory: Path, model, tokenizer) -> Path:
     """The transformers -hf layout as the converter writes it (`language_model.model.*`, `vision_model.`)."""
     directory.mkdir(parents=True)
-    state = keymaps.convert_from_ours(model.state_dict(), "hf", hf_style="disk")
+    state = keymaps.convert_from_ours(model.state_dict(), "hf")
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
     hf_config(model).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

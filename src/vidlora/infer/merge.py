@@ -90,7 +90,7 @@ def merge(model_path: str, model_base: str | None, out: str, *, layout: str | No
     target.mkdir(parents=True, exist_ok=True)
     state = dict(model.state_dict())
     if layout == "hf":
-        tensors = keymaps.convert_from_ours(state, "hf", hf_style="memory", hf_vision_model_prefix=False)
+        tensors = keymaps.convert_from_ours(state, "hf")
         (target / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
     else:
         tensors = state
