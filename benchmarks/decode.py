@@ -213,11 +213,15 @@ def convert_rows(out_dir: Path, repeats: int) -> list[dict[str, object]]:
         timings, results = measure(
             {
                 "per_frame": lambda f=frames: [x.to_ndarray(format="rgb24") for x in f],
-                "reused": lambda f=frames, r=reformatter: [r.reformat(x, format="rgb24").to_ndarray() for x in f],
+                "reused": lambda f=frames, r=reformatter: [
+                    r.reformat(x, format="rgb24").to_ndarray() for x in f
+                ],
             },
             repeats,
         )
-        if not all(np.array_equal(a, b) for a, b in zip(results["per_frame"], results["reused"], strict=True)):
+        if not all(
+            np.array_equal(a, b) for a, b in zip(results["per_frame"], results["reused"], strict=True)
+        ):
             raise RuntimeError(f"{path}: the two conversions differ")
         rows.append({"clip": f"{clip.name} ({clip.width}x{clip.height})", "frames": len(frames), **timings})
     return rows
@@ -225,7 +229,7 @@ def convert_rows(out_dir: Path, repeats: int) -> list[dict[str, object]]:
 
 def convert_table(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| clip | frames | `to_ndarray(format=\"rgb24\")` ms / frame (wall / CPU) "
+        '| clip | frames | `to_ndarray(format="rgb24")` ms / frame (wall / CPU) '
         "| reused `VideoReformatter` ms / frame (wall / CPU) | ratio (wall / CPU) |",
         "|---|---:|---|---|---|",
     ]

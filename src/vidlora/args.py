@@ -13,6 +13,7 @@ import json
 import sys
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
+from typing import Any
 
 import transformers
 
@@ -43,30 +44,45 @@ class ModelArguments:
             "(then --video_tower/--image_tower are needed)."
         },
     )
-    version: str = field(default="v1", metadata={"help": "Prompt template (v1, llava_v1, v0, plain, llama_2)."})
+    version: str = field(
+        default="v1", metadata={"help": "Prompt template (v1, llava_v1, v0, plain, llama_2)."}
+    )
     video_tower: str | None = field(
-        default=None, metadata={"help": "LanguageBind video tower (e.g. LanguageBind/LanguageBind_Video_merge)."}
+        default=None,
+        metadata={"help": "LanguageBind video tower (e.g. LanguageBind/LanguageBind_Video_merge)."},
     )
     image_tower: str | None = field(
         default=None, metadata={"help": "LanguageBind image tower (e.g. LanguageBind/LanguageBind_Image)."}
     )
     pretrain_mm_mlp_adapter: str | None = field(
-        default=None, metadata={"help": "Projector weights from pre-training (safetensors, or a legacy .bin)."}
+        default=None,
+        metadata={"help": "Projector weights from pre-training (safetensors, or a legacy .bin)."},
     )
     mm_projector_type: str | None = field(
         default=None,
         metadata={"help": "linear | mlp{N}x_gelu | identity; default: the checkpoint's, else mlp2x_gelu."},
     )
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Tower hidden state used as features."})
-    mm_use_x_start_end: bool = field(default=False, metadata={"help": "Start/end tokens around media (unsupported)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+    mm_use_x_start_end: bool = field(
+        default=False, metadata={"help": "Start/end tokens around media (unsupported)."}
+    )
     mm_use_x_patch_token: bool = field(default=False, metadata={"help": "Patch tokens (unsupported)."})
     X: list[str] = field(
         default_factory=lambda: list(SUPPORTED_MODALITIES),
         metadata={"help": "Modalities to enable: Video and/or Image.", "nargs": "+"},
     )
-    num_frames: int = field(default=8, metadata={"help": "Frames sampled per video (uniform, first and last)."})
+    num_frames: int | None = field(
+        default=None,
+        metadata={
+            "help": "Frames sampled per video (uniform, first and last); default: the video tower's. A tower "
+            "with temporal attention takes only its own count."
+        },
+    )
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM (no LoRA on it either)."})
-    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Train only the projector (pre-training)."})
+    tune_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "Train only the projector (pre-training)."}
+    )
 
 
 @dataclass
@@ -77,10 +93,15 @@ class DataArguments:
     eval_data_path: list[str] | None = field(
         default=None, metadata={"help": "Evaluation JSON/JSONL file(s).", "nargs": "+"}
     )
-    video_folder: str | None = field(default=None, metadata={"help": "Folder that video paths are relative to."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder that image paths are relative to."})
+    video_folder: str | None = field(
+        default=None, metadata={"help": "Folder that video paths are relative to."}
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder that image paths are relative to."}
+    )
     image_aspect_ratio: str = field(
-        default="pad", metadata={"help": "pad: pad images to a square with the mean colour; square: resize+crop."}
+        default="pad",
+        metadata={"help": "pad: pad images to a square with the mean colour; square: resize+crop."},
     )
     lazy_preprocess: bool = field(default=True, metadata={"help": "Accepted for compatibility; always lazy."})
     eval_holdout_ratio: float = field(
@@ -96,18 +117,20 @@ class DataArguments:
     allow_media_outside_folder: bool = field(
         default=False, metadata={"help": "Allow absolute media paths and paths escaping their folder."}
     )
-    decode_timeout: float = field(default=60.0, metadata={"help": "Seconds allowed to read one sample's media."})
-
-
-@dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+    decode_timeout: float = field(
+        default=60.0, metadata={"help": "Seconds allowed to read one sample's media."}
+    )
     model_max_length: int = field(
         default=2048, metadata={"help": "Max text tokens per sample (each media placeholder counts once)."}
     )
     tokenizer_model_max_length: int | None = field(
-        default=None, metadata={"help": "Max sequence length after media expansion (default: no extra bound)."}
+        default=None,
+        metadata={"help": "Max sequence length after media expansion (default: no extra bound)."},
     )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
     bits: int = field(default=16, metadata={"help": "16, or 4/8 for QLoRA (the LLM only is quantized)."})
     double_quant: bool = field(default=True, metadata={"help": "QLoRA double quantization."})
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
@@ -123,13 +146,15 @@ class TrainingArguments(transformers.TrainingArguments):
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Keep the projector frozen."})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of --eval_strategy."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of all steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep media columns (must stay False)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep media columns (must stay False)."}
+    )
     stop_on_nonfinite: bool = field(
         default=True, metadata={"help": "Stop with a clear message on a NaN/inf loss or gradient."}
     )
 
     def __post_init__(self) -> None:
-        # Old spellings the seed uses; transformers 5 dropped them.
+        # Old spellings the original uses; transformers 5 dropped them.
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio is not None:
@@ -161,13 +186,19 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def hardware_problems(args: TrainingArguments | SimpleNamespace, cuda_available: bool, bf16_supported: bool) -> list[str]:
+def hardware_problems(
+    args: TrainingArguments | SimpleNamespace, cuda_available: bool, bf16_supported: bool
+) -> list[str]:
     """Flags this machine cannot honour, each with what to do instead."""
     problems = []
     if args.tf32 and not cuda_available:
-        problems.append("--tf32 True needs an NVIDIA GPU (Ampere or newer); on this machine pass --tf32 False.")
+        problems.append(
+            "--tf32 True needs an NVIDIA GPU (Ampere or newer); on this machine pass --tf32 False."
+        )
     if args.bf16 and not bf16_supported:
-        problems.append("--bf16 True: this device has no bfloat16 support; pass --bf16 False (or --fp16 True on GPU).")
+        problems.append(
+            "--bf16 True: this device has no bfloat16 support; pass --bf16 False (or --fp16 True on GPU)."
+        )
     if args.fp16 and not cuda_available:
         problems.append("--fp16 True needs a GPU; on CPU pass --fp16 False (or --bf16 True).")
     if args.deepspeed and not _has_module("deepspeed"):
@@ -177,16 +208,16 @@ def hardware_problems(args: TrainingArguments | SimpleNamespace, cuda_available:
     reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
     for reporter in reporters:
         if reporter not in ("none", "all") and not _has_module(reporter):
-            problems.append(f"--report_to {reporter}: the {reporter} package is not installed (pip install {reporter}).")
+            problems.append(
+                f"--report_to {reporter}: the {reporter} package is not installed (pip install {reporter})."
+            )
     return problems
 
 
-def value_problems(
-    model: ModelArguments | SimpleNamespace,
-    data: DataArguments | SimpleNamespace,
-    train: TrainingArguments | SimpleNamespace,
+def data_problems(
+    model: ModelArguments | SimpleNamespace, data: DataArguments | SimpleNamespace
 ) -> list[str]:
-    """Flag values that are wrong whatever the machine."""
+    """Problems with the flags that decide how samples are read (shared by `train` and `check`)."""
     problems = []
     unknown = [x for x in model.X if x not in SUPPORTED_MODALITIES]
     if unknown:
@@ -195,18 +226,36 @@ def value_problems(
         problems.append("--mm_use_x_start_end True is not supported (Video-LLaVA's recipe uses False).")
     if model.mm_use_x_patch_token:
         problems.append("--mm_use_x_patch_token True is not supported (Video-LLaVA's recipe uses False).")
-    if model.num_frames < 1:
+    if model.num_frames is not None and model.num_frames < 1:
         problems.append(f"--num_frames {model.num_frames}: must be at least 1.")
     if data.image_aspect_ratio not in ASPECT_RATIOS:
-        problems.append(f"--image_aspect_ratio {data.image_aspect_ratio}: use one of {', '.join(ASPECT_RATIOS)}.")
+        problems.append(
+            f"--image_aspect_ratio {data.image_aspect_ratio}: use one of {', '.join(ASPECT_RATIOS)}."
+        )
     if not data.data_path:
         problems.append("--data_path is required (one or more JSON/JSONL files).")
     if not 0 <= data.eval_holdout_ratio < 1:
         problems.append(f"--eval_holdout_ratio {data.eval_holdout_ratio}: must be in [0, 1).")
+    if data.model_max_length < 1:
+        problems.append(f"--model_max_length {data.model_max_length}: must be positive.")
+    if data.tokenizer_model_max_length is not None and data.tokenizer_model_max_length < 1:
+        problems.append("--tokenizer_model_max_length must be positive.")
+    if data.decode_timeout <= 0:
+        problems.append(f"--decode_timeout {data.decode_timeout}: must be positive.")
+    return problems
+
+
+def training_problems(
+    data: DataArguments | SimpleNamespace, train: TrainingArguments | SimpleNamespace
+) -> list[str]:
+    """Training flag values that are wrong whatever the machine."""
+    problems = []
     if train.bits not in QUANT_BITS:
         problems.append(f"--bits {train.bits}: use 4, 8 or 16.")
     if train.bits in (4, 8) and not train.lora_enable:
-        problems.append(f"--bits {train.bits} quantizes the LLM, which then needs --lora_enable True to train.")
+        problems.append(
+            f"--bits {train.bits} quantizes the LLM, which then needs --lora_enable True to train."
+        )
     if train.bits in (4, 8) and _zero_stage(train.deepspeed) == 3:
         problems.append(
             f"--bits {train.bits} with a ZeRO-3 config: ZeRO-3 would partition the quantized weights; "
@@ -220,8 +269,6 @@ def value_problems(
         problems.append(f"--lora_r {train.lora_r}: must be at least 1.")
     if train.remove_unused_columns:
         problems.append("--remove_unused_columns True would drop the media inputs; leave it False.")
-    if train.tokenizer_model_max_length is not None and train.tokenizer_model_max_length < 1:
-        problems.append("--tokenizer_model_max_length must be positive.")
     if wants_evaluation(train.eval_strategy) and not data.eval_data_path and data.eval_holdout_ratio == 0:
         problems.append(
             f"--eval_strategy {train.eval_strategy} needs evaluation data: pass --eval_data_path, or "
@@ -230,49 +277,109 @@ def value_problems(
     return problems
 
 
-def parse_train_args(
-    argv: list[str] | None = None,
-    *,
-    cuda_available: bool | None = None,
-    bf16_supported: bool | None = None,
-) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse the seed's command line; raise ArgumentProblems listing every problem at once.
+@dataclass
+class CheckArguments:
+    """`vidlora check`'s own flags (the data and model flags are training's)."""
 
-    Our checks run on the raw values first, so one run reports everything that is wrong instead
+    workers: int = field(default=1, metadata={"help": "Decode media in this many processes."})
+    report: str | None = field(default=None, metadata={"help": "Write the full report as JSON here."})
+    no_progress: bool = field(default=False, metadata={"help": "No progress bar."})
+
+
+def _parse(argv: list[str] | None, dtypes: tuple[type, ...], check) -> list[Any]:
+    """Parse ``argv`` into ``dtypes``; ``check(raw namespaces)`` returns problems; all reported at once.
+
+    The checks run on the raw values first, so one run reports everything that is wrong instead
     of stopping at the first dataclass that refuses to build.
     """
-    import torch
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = transformers.HfArgumentParser(dtypes)
     namespace, leftover = parser.parse_known_args(argv)
     problems = [f"unknown argument {arg!r}" for arg in leftover if arg.startswith("-")]
     values = vars(namespace)
     raw = [
         SimpleNamespace(**{f.name: values[f.name] for f in fields(dtype) if f.init and f.name in values})
-        for dtype in (ModelArguments, DataArguments, TrainingArguments)
+        for dtype in dtypes
     ]
-    model_raw, data_raw, train_raw = raw
-    if train_raw.evaluation_strategy is not None:
-        train_raw.eval_strategy = train_raw.evaluation_strategy
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported() if cuda_available else True
-    if not cuda_available:
-        # Without a GPU the Trainer runs on the CPU anyway; saying so lets --bf16 use CPU autocast.
-        train_raw.use_cpu = True
-    problems += value_problems(model_raw, data_raw, train_raw)
-    problems += hardware_problems(train_raw, cuda_available, bf16_supported)
+    problems += check(*raw)
     if problems:
         raise ArgumentProblems(problems)
     built = []
-    for dtype, ns in zip((ModelArguments, DataArguments, TrainingArguments), raw, strict=True):
+    for dtype, ns in zip(dtypes, raw, strict=True):
         try:
             built.append(dtype(**vars(ns)))
         except (ValueError, ImportError, TypeError) as err:
             problems.append(f"{dtype.__name__}: {err}")
     if problems:
         raise ArgumentProblems(problems)
-    model, data, train = built
+    return built
+
+
+def parse_train_args(
+    argv: list[str] | None = None,
+    *,
+    cuda_available: bool | None = None,
+    bf16_supported: bool | None = None,
+) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse the original's command line; raise ArgumentProblems listing every problem at once."""
+    import torch
+
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported() if cuda_available else True
+
+    def check(model_raw, data_raw, train_raw) -> list[str]:
+        if train_raw.evaluation_strategy is not None:
+            train_raw.eval_strategy = train_raw.evaluation_strategy
+        if not cuda_available:
+            # Without a GPU the Trainer runs on the CPU anyway; saying so lets --bf16 use CPU autocast.
+            train_raw.use_cpu = True
+        return (
+            data_problems(model_raw, data_raw)
+            + training_problems(data_raw, train_raw)
+            + hardware_problems(train_raw, cuda_available, bf16_supported)
+        )
+
+    model, data, train = _parse(argv, (ModelArguments, DataArguments, TrainingArguments), check)
     return model, data, train
+
+
+def parse_check_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CheckArguments]:
+    """Parse `vidlora check`'s command line: training's model and data flags plus its own."""
+
+    def check(model_raw, data_raw, check_raw) -> list[str]:
+        problems = data_problems(model_raw, data_raw)
+        if check_raw.workers < 1:
+            problems.append(f"--workers {check_raw.workers}: must be at least 1.")
+        return problems
+
+    model, data, options = _parse(argv, (ModelArguments, DataArguments, CheckArguments), check)
+    return model, data, options
+
+
+def load_options(model: ModelArguments) -> dict[str, Any]:
+    """`load_pretrained`'s keyword arguments for the model flags (training and `check` load alike)."""
+    from vidlora.model.configuration import ConfigOverrides
+
+    return {
+        "video_tower": model.video_tower,
+        "image_tower": model.image_tower,
+        "pretrain_mm_mlp_adapter": model.pretrain_mm_mlp_adapter,
+        "mm_projector_type": model.mm_projector_type,
+        "cache_dir": model.cache_dir,
+        "overrides": ConfigOverrides(
+            mm_vision_select_layer=model.mm_vision_select_layer, num_frames=model.num_frames
+        ),
+    }
+
+
+def processor_options(model: ModelArguments, data: DataArguments) -> dict[str, Any]:
+    """`Processor.for_model`'s keyword arguments for the data flags (training and `check` read alike)."""
+    return {
+        "template": model.version,
+        "image_aspect_ratio": data.image_aspect_ratio,
+        "model_max_length": data.model_max_length,
+        "tokenizer_model_max_length": data.tokenizer_model_max_length,
+        "modalities": [x.lower() for x in model.X],
+    }

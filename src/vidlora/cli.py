@@ -17,8 +17,11 @@ from collections.abc import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vidlora.model.info", "parameter counts per part, trainable vs frozen under a LoRA recipe"),
     "synth": ("vidlora.data.synthetic", "write a synthetic video/image QA dataset (real mp4 files)"),
-    "check": ("vidlora.data.check", "read every sample the way training would and report every problem"),
-    "train": ("vidlora.train", "LoRA fine-tuning with the original's flags (launchable by deepspeed/torchrun)"),
+    "check": ("vidlora.check", "read every sample the way training would and report every problem"),
+    "train": (
+        "vidlora.train",
+        "LoRA fine-tuning with the original's flags (launchable by deepspeed/torchrun)",
+    ),
     "demo": ("vidlora.demo", "synth data, score, fine-tune the tiny model, score again"),
     "chat": ("vidlora.infer.chat", "interactive chat about a video or image"),
     "predict": ("vidlora.infer.predict", "batched generation over a dataset"),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vidlora.data.synthetic import ANSWERS
+from vidlora.jsonl import read_jsonl
 
 # Question types in the order the table shows them (motion first: it needs several frames).
 QUESTION_TYPES: tuple[str, ...] = ("motion", "color", "shape", "count", "text", "compare")
@@ -188,9 +189,9 @@ def format_table(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_predictions(path: Path) -> list[dict[str, Any]]:
     """Records of a predictions file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_jsonl(path)]
 
 
 def format_examples(
@@ -234,7 +235,7 @@ def _score(model_path: str, data_dir: Path, out: Path, loaded: Any, config: Demo
         ]
     )  # fmt: skip
     predict(args, loaded=loaded)
-    return score_predictions(read_jsonl(out))
+    return score_predictions(read_predictions(out))
 
 
 def _score_choices(loaded: Any, data_dir: Path) -> dict[str, Any]:
@@ -282,7 +283,7 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False) -> dict[str, Any]:
     from vidlora.args import parse_train_args
     from vidlora.data.synthetic import generate_dataset
     from vidlora.infer.load import load_for_inference
-    from vidlora.train import run
+    from vidlora.training.recipe import run
 
     out = Path(config.out)
     _prepare_out(out, overwrite)
@@ -329,7 +330,8 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False) -> dict[str, Any]:
         raise RuntimeError(f"training wrote no loss curve at {loss_src}")
     shutil.copyfile(loss_src, out / LOSS_FILE)
     (out / EXAMPLES_FILE).write_text(
-        format_examples(read_jsonl(out / PREDS_BEFORE), read_jsonl(out / PREDS_AFTER)), encoding="utf-8"
+        format_examples(read_predictions(out / PREDS_BEFORE), read_predictions(out / PREDS_AFTER)),
+        encoding="utf-8",
     )
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]

@@ -10,10 +10,15 @@ import av
 import numpy as np
 import pytest
 
-from vidlora.data.check import main
+from vidlora.cli import main as vidlora
 from vidlora.data.synthetic import generate_dataset
 
 N_TRAIN = 6
+
+
+def main(argv: list[str]) -> int:
+    """`vidlora check ARGV` through the CLI (its error policy included)."""
+    return vidlora(["check", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +193,7 @@ def test_length_limits_count_truncated_and_rejected(clean, tmp_path):
 
 def test_wrong_num_frames_is_a_usage_error(clean, capsys):
     assert main(_args(clean, clean / "train.json", extra=["--num_frames", "4"])) == 2
-    assert "built for 8 frames" in capsys.readouterr().err
+    assert "trained for 8 frames" in capsys.readouterr().err
 
 
 def test_checkpoint_directory_gives_tokenizer_and_counts_without_weights(clean, tmp_path):
@@ -210,8 +215,9 @@ def test_checkpoint_directory_gives_tokenizer_and_counts_without_weights(clean, 
     assert main(argv) == 0
     report = json.loads(report_path.read_text())
     # 32 px / patch 16 -> 4 tokens per image; 4 frames x (4 + 1) = 20 per video
-    assert report["settings"]["media_token_counts"] == {"image": 4, "video": 20}
-    assert report["settings"]["num_frames"] == 4 and report["settings"]["image_size"] == 32
+    processor = report["settings"]["processor"]
+    assert (processor["image_tokens"], processor["video_tokens"]) == (4, 20)
+    assert processor["num_frames"] == 4 and processor["image_size"] == 32
     records = json.loads((clean / "train.json").read_text())
     for info, r in zip(report["samples"], records, strict=True):
         assert info["expanded_tokens"] - info["text_tokens"] == 19 * ("video" in r) + 3 * ("image" in r)

@@ -46,10 +46,10 @@ def _data_flags(root) -> list[str]:
 
 
 def check_problems(root, *flags: str) -> set[tuple[str, str]]:
-    from vidlora.data.check import main
+    from vidlora.cli import main
 
     report = root / "report.json"
-    code = main([*_data_flags(root), *flags, "--no_progress", "--report", str(report)])
+    code = main(["check", *_data_flags(root), *flags, "--no_progress", "--report", str(report)])
     found = {(p["id"], p["kind"]) for p in json.loads(report.read_text())["problems"]}
     assert code == (1 if found else 0)
     return found
@@ -57,30 +57,19 @@ def check_problems(root, *flags: str) -> set[tuple[str, str]]:
 
 def train_problems(root, tmp_path, *flags: str) -> set[tuple[str, str]]:
     """The problems training refuses the data with (it stops before loading pixels or training)."""
-    from vidlora.training.recipe import prepare_data
-
+    from vidlora.args import parse_train_args
     from vidlora.data.dataset import BadSamplesError
+    from vidlora.training.recipe import load_model_and_data
 
-    argv = [
-        *_data_flags(root),
-        *flags,
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--report_to",
-        "none",
-        "--tf32",
-        "False",
-        "--lora_enable",
-        "True",
-    ]
+    argv = [*_data_flags(root), *flags, "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+            "--tf32", "False", "--lora_enable", "True"]  # fmt: skip
     try:
-        prepare_data(argv)
+        load_model_and_data(*parse_train_args(argv))
     except BadSamplesError as err:
         return {(p.sample_id, p.kind.value) for p in err.problems}
     return set()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: check re-implements validation, has no --X")
 @pytest.mark.parametrize(
     "flags", [(), ("--X", "Video"), ("--X", "Image"), ("--image_aspect_ratio", "square")]
 )

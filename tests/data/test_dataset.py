@@ -10,6 +10,7 @@ from PIL import Image
 
 from vidlora.data.dataset import (
     BadSamplesError,
+    MediaFolders,
     ProblemKind,
     SampleError,
     SupervisedDataset,
@@ -17,6 +18,7 @@ from vidlora.data.dataset import (
     train_eval_split,
 )
 from vidlora.data.media import read_image, read_video
+from vidlora.data.processor import Processor
 from vidlora.data.records import load_records
 from vidlora.data.synthetic import pick_h264_encoder, write_video
 from vidlora.data.templates import get_template
@@ -27,6 +29,20 @@ from vidlora.model.tokenizer import build_tiny_tokenizer
 COUNTS = MediaTokenCounts(image=4, video=12)  # 4 frames x 3 tokens: tiny, and not equal to T
 SPEC = PixelSpec(image_size=16)
 T = 4
+
+
+def _processor(**changes) -> Processor:
+    """Sizes no tower has (so they are not confused with a preset's), the tiny tokenizer's convention."""
+    fields = dict(
+        template="v1",
+        prompt_tokenization="whole_prompt",
+        image_size=SPEC.image_size,
+        image_tokens=COUNTS.image,
+        video_tokens=COUNTS.video,
+        num_frames=T,
+        model_max_length=None,
+    )
+    return Processor(**{**fields, **changes})
 
 
 def _turns(question, answer="red"):
@@ -73,17 +89,10 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def _dataset(samples, tokenizer, root, **kwargs):
+def _dataset(samples, tokenizer, root, modalities=None, **kwargs):
+    processor = _processor() if modalities is None else _processor(modalities=modalities)
     return SupervisedDataset(
-        samples,
-        tokenizer=tokenizer,
-        template="v1",
-        media_counts=COUNTS,
-        pixel_spec=SPEC,
-        num_frames=T,
-        video_folder=root,
-        image_folder=root,
-        **kwargs,
+        samples, processor=processor, tokenizer=tokenizer, folders=MediaFolders(root, root), **kwargs
     )
 
 
@@ -179,34 +188,17 @@ def test_skip_bad_samples_counts_and_lists_them(tokenizer, data_dir, tmp_path):
         CLEAN[3],
     ]
     path = _write(tmp_path, "mixed.json", recs)
-    kwargs = dict(model_max_length=80)
+    kwargs = dict(
+        processor=_processor(model_max_length=80),
+        tokenizer=tokenizer,
+        folders=MediaFolders(data_dir, data_dir),
+    )
     with pytest.raises(BadSamplesError) as info:
-        SupervisedDataset.from_paths(
-            path,
-            tokenizer=tokenizer,
-            template="v1",
-            media_counts=COUNTS,
-            pixel_spec=SPEC,
-            num_frames=T,
-            video_folder=data_dir,
-            image_folder=data_dir,
-            **kwargs,
-        )
+        SupervisedDataset.from_paths(path, **kwargs)
     assert len(info.value.problems) == 5
     for sample_id in ("missing", "escape", "malformed", "mismatch", "toolong"):
         assert f"'{sample_id}'" in str(info.value)
-    ds = SupervisedDataset.from_paths(
-        path,
-        tokenizer=tokenizer,
-        template="v1",
-        media_counts=COUNTS,
-        pixel_spec=SPEC,
-        num_frames=T,
-        video_folder=data_dir,
-        image_folder=data_dir,
-        skip_bad_samples=True,
-        **kwargs,
-    )
+    ds = SupervisedDataset.from_paths(path, skip_bad_samples=True, **kwargs)
     assert [s.id for s in ds.samples] == ["v", "t"]
     assert {p.sample_id: p.kind for p in ds.skipped} == {
         "missing": ProblemKind.MISSING_FILE,
@@ -238,7 +230,7 @@ def test_samples_of_a_modality_left_out_by_X_are_refused_by_id(tokenizer, data_d
     }
     assert len(_dataset(records, tokenizer, data_dir, modalities=("video", "image"))) == 4
     with pytest.raises(ValueError, match="unknown modalities"):
-        _dataset(records, tokenizer, data_dir, modalities=("Video",))
+        _processor(modalities=("Video",))
 
 
 def test_eval_split_is_deterministic_and_disjoint(tokenizer, data_dir):
@@ -273,13 +265,9 @@ def test_unreadable_record_file_or_nothing_left_is_fatal_even_when_skipping(toke
     broken = tmp_path / "broken.json"
     broken.write_text('[{"id": "a", "conversations": []')  # cut-off JSON
     kwargs = dict(
+        processor=_processor(),
         tokenizer=tokenizer,
-        template="v1",
-        media_counts=COUNTS,
-        pixel_spec=SPEC,
-        num_frames=T,
-        video_folder=data_dir,
-        image_folder=data_dir,
+        folders=MediaFolders(data_dir, data_dir),
         skip_bad_samples=True,
     )
     with pytest.raises(BadSamplesError, match=r"broken\.json") as info:
@@ -295,20 +283,18 @@ def test_unreadable_record_file_or_nothing_left_is_fatal_even_when_skipping(toke
 
 
 def test_from_args_uses_the_model_config(tokenizer, data_dir):
-    from types import SimpleNamespace
-
-    from vidlora.args import DataArguments, ModelArguments
+    from vidlora.args import DataArguments, ModelArguments, processor_options
     from vidlora.model.presets import build_config
 
     config = build_config("tiny", tokenizer=tokenizer)
     data_args = DataArguments(
         data_path=[str(data_dir / "train.json")], video_folder=str(data_dir), image_folder=str(data_dir)
     )
-    training_args = SimpleNamespace(model_max_length=2048, tokenizer_model_max_length=None)
-    ds = SupervisedDataset.from_args(ModelArguments(), data_args, training_args, tokenizer, config)
+    processor = Processor.for_model(config, **processor_options(ModelArguments(), data_args))
+    ds = SupervisedDataset.from_args(data_args, processor, tokenizer)
     # tiny preset: 64 px, patch 16 -> 16 tokens per image, 8 x 17 per video
-    assert ds.media_counts == MediaTokenCounts(image=16, video=136) and ds.num_frames == 8
-    assert ds.pixel_spec.image_size == 64
+    assert processor.counts == MediaTokenCounts(image=16, video=136) and processor.num_frames == 8
+    assert processor.pixel_spec.image_size == 64
     item = ds[2]
     assert item["pixel_values_videos"].shape == (1, 8, 3, 64, 64)
     assert item["pixel_values_images"].shape == (2, 3, 64, 64)
@@ -316,11 +302,10 @@ def test_from_args_uses_the_model_config(tokenizer, data_dir):
     small = [48, 41, 71, -35]
     widen = [(136 - 12), (16 - 4), (136 - 12) + 2 * (16 - 4), 0]
     assert ds.modality_lengths == [n + w if n > 0 else n for n, w in zip(small, widen, strict=True)]
-    with pytest.raises(ValueError, match="built for 8 frames"):
-        SupervisedDataset.from_args(ModelArguments(num_frames=4), data_args, training_args, tokenizer, config)
     # --X Image: the video samples are named, not trained on.
+    image_only = Processor.for_model(config, **processor_options(ModelArguments(X=["Image"]), data_args))
     with pytest.raises(BadSamplesError, match=r"'v'.*--X enables Image"):
-        SupervisedDataset.from_args(ModelArguments(X=["Image"]), data_args, training_args, tokenizer, config)
+        SupervisedDataset.from_args(data_args, image_only, tokenizer)
 
 
 def test_dataloader_worker_processes_give_the_same_batches(tokenizer, data_dir):

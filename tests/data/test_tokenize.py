@@ -13,7 +13,6 @@ from vidlora.data.tokenize import (
     IGNORE_INDEX,
     MediaTokenCounts,
     TokenizationError,
-    modality_length,
     special_prefix,
     tokenize_prompt,
     tokenize_sample,
@@ -391,14 +390,6 @@ def test_refuses_space_stripping_media_tokens():
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
     with pytest.raises(ValueError, match="'<image>' strips neighbouring spaces"):
         tokenize_sample([Turn("human", "<image> a"), Turn("gpt", "a")], tok, "plain", COUNTS)
-
-
-def test_modality_length(toks):
-    tok = toks["llama"]
-    mm = tokenize_sample(VIDEO_1, tok, "v1", COUNTS)
-    text = tokenize_sample(TEXT, tok, "v1", COUNTS)
-    assert modality_length(mm, has_media=True) == len(SYSTEM_IDS["llama"]) + 15
-    assert modality_length(text, has_media=False) == -(len(SYSTEM_IDS["llama"]) + 11)
 
 
 # -- inference prompts -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from vidlora.cli import main as vidlora
 from vidlora.eval.judge import (
     SYSTEM_PROMPT,
     JudgeConfig,
@@ -19,7 +20,6 @@ from vidlora.eval.judge import (
     parse_judgement,
     summarize_judgements,
 )
-from vidlora.eval.score import main
 
 SLOW_SLEEP_S = 4.0  # far above the 0.5 s client timeout used below
 
@@ -34,6 +34,11 @@ SCRIPT = {
     "slow": ["sleep"],
     "denied": [401],
 }
+
+
+def main(argv: list[str]) -> int:
+    """`vidlora eval ARGV` through the CLI (its error policy included)."""
+    return vidlora(["eval", *argv])
 
 
 class _Server(ThreadingHTTPServer):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vidlora.checkpoint import RECORD_FILE, BaseModel, RunRecord, write_record, write_trainables
+from vidlora.data.processor import Processor
 from vidlora.data.records import Turn
 from vidlora.data.synthetic import generate_dataset
 from vidlora.infer.generate import Generator, Request
@@ -17,9 +19,13 @@ from vidlora.infer.predict import build_parser, predict
 from vidlora.model.keymaps import from_ours
 from vidlora.model.loading import load_pretrained
 from vidlora.model.lora import apply_recipe, build_lora_config
-from vidlora.training.trainer import write_checkpoint_extras
 
-DATA_CONFIG = {"base_model": "tiny", "template": "v1", "num_frames": 8, "image_aspect_ratio": "pad"}
+# What vidlora 0.1 wrote as vidlora_config.json (record format 1).
+OLD_RECORD = {
+    "base_model": "tiny", "video_tower": None, "image_tower": None, "template": "v1", "num_frames": 8,
+    "image_aspect_ratio": "pad", "model_max_length": 2048, "tokenizer_model_max_length": None,
+    "modalities": ["Video", "Image"], "model_args": {"mm_vision_select_layer": -2},
+}  # fmt: skip
 
 
 def _perturbed_lora_model(seed: int = 1):
@@ -27,7 +33,7 @@ def _perturbed_lora_model(seed: int = 1):
     standing in for a trained adapter (LoRA B starts at zero, which would make merge trivial)."""
     loaded = load_pretrained("tiny")
     torch.manual_seed(seed)  # PEFT initialises lora_A from the global generator
-    model = apply_recipe(loaded.model, build_lora_config(8, 16, dropout=0.0))
+    model = apply_recipe(loaded.model, build_lora_config(loaded.model, 8, 16, dropout=0.0))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in (p for p in model.parameters() if p.requires_grad):
@@ -39,7 +45,9 @@ def _perturbed_lora_model(seed: int = 1):
 def _save_adapter(model, tokenizer, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    write_checkpoint_extras(model, out, DATA_CONFIG)
+    write_trainables(model, out)
+    processor = Processor.for_model(model.get_base_model().config, template="v1")
+    write_record(out, RunRecord(BaseModel("tiny"), processor, training={}))
     tokenizer.save_pretrained(out)
     return out
 
@@ -81,7 +89,7 @@ def test_merged_equals_adapter_and_differs_from_base(adapter_dir, tmp_path):
     adapter_logits = adapter.model(**inputs).logits
     merged_dir = merge(str(adapter_dir), None, str(tmp_path / "merged"), layout="ours", max_shard_size_mb=1)
     assert (merged_dir / "model.safetensors.index.json").is_file()  # 1 MB shards: really sharded
-    assert json.loads((merged_dir / "vidlora_config.json").read_text())["template"] == "v1"
+    assert json.loads((merged_dir / RECORD_FILE).read_text())["processor"]["template"] == "v1"
     merged = load_for_inference(str(merged_dir))
     merged_logits = merged.model(**inputs).logits
     base_logits = base(**inputs).logits
@@ -94,12 +102,22 @@ def test_merged_equals_adapter_and_differs_from_base(adapter_dir, tmp_path):
 def test_checkpoint_dir_alone_restores_trained_tensors(adapter_dir):
     trained, _ = _perturbed_lora_model()
     loaded = load_for_inference(str(adapter_dir))
-    assert loaded.settings.template == "v1" and loaded.settings.num_frames == 8
+    assert loaded.processor.template == "v1" and loaded.processor.num_frames == 8
     expected = {n: p for n, p in trained.named_parameters() if p.requires_grad}
     got = dict(loaded.model.named_parameters())
     assert len(expected) == 32  # 28 LoRA tensors (2 layers x 7 linears x A,B) + 4 projector tensors
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, atol=0, rtol=0)
+
+
+def test_a_vidlora_0_1_record_still_loads(adapter_dir, tmp_path):
+    """The untyped settings dict of vidlora 0.1 becomes the same processor."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(adapter_dir, old)
+    (old / RECORD_FILE).write_text(json.dumps(OLD_RECORD))
+    assert load_for_inference(str(old)).processor == load_for_inference(str(adapter_dir)).processor
 
 
 def test_batch_equals_rows_one_by_one(adapter_dir, synth):
@@ -221,7 +239,7 @@ def test_merge_into_hf_layout_loads_in_transformers(tmp_path):
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     torch.manual_seed(1)
-    model = apply_recipe(base, build_lora_config(8, 16, dropout=0.0))
+    model = apply_recipe(base, build_lora_config(base, 8, 16, dropout=0.0))
     with torch.no_grad():
         for param in (p for p in model.parameters() if p.requires_grad):
             param.add_(0.05 * torch.randn_like(param))
@@ -262,8 +280,7 @@ def test_option_scores_are_training_log_likelihoods(adapter_dir, synth, tmp_path
     # Independently: write each (question, option) as a training record, read it through the
     # training dataset and collator, and sum the per-token loss the model gives its labels.
     from vidlora.data.collate import MultimodalCollator
-    from vidlora.data.dataset import SupervisedDataset, pixel_spec_from_config
-    from vidlora.data.tokenize import MediaTokenCounts
+    from vidlora.data.dataset import MediaFolders, SupervisedDataset
 
     loaded = load_for_inference(str(adapter_dir))
     generator = Generator(loaded)
@@ -280,10 +297,10 @@ def test_option_scores_are_training_log_likelihoods(adapter_dir, synth, tmp_path
     ]  # fmt: skip
     (tmp_path / "options.json").write_text(json.dumps(rows))
     config = loaded.model.get_base_model().config
+    # The training dataset's own processor for this model, built from its config, not the generator's.
     dataset = SupervisedDataset.from_paths(
-        tmp_path / "options.json", tokenizer=loaded.tokenizer, template="v1",
-        media_counts=MediaTokenCounts.from_config(config), pixel_spec=pixel_spec_from_config(config),
-        num_frames=8, video_folder=synth,
+        tmp_path / "options.json", tokenizer=loaded.tokenizer, processor=Processor.for_model(config, template="v1"),
+        folders=MediaFolders(video_folder=synth),
     )  # fmt: skip
     collate = MultimodalCollator(pad_token_id=loaded.tokenizer.pad_token_id)
     with torch.no_grad():
@@ -300,7 +317,6 @@ def test_option_scores_are_training_log_likelihoods(adapter_dir, synth, tmp_path
         generator.score_options(request, [])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: predict appends onto a torn line")
 def test_predict_rerun_after_a_torn_line_leaves_a_valid_file(adapter_dir, synth, tmp_path):
     """A kill mid-write leaves half a line; each rerun must repair it, and eval must read the result."""
     from vidlora.eval.score import main as eval_main

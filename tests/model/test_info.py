@@ -89,7 +89,7 @@ def test_lora_targets_are_the_llm_linears_only(tiny) -> None:
 def test_recipe_with_peft_matches_the_analytic_count() -> None:
     model, _ = build_preset("tiny", seed=0)
     expected = info.count_parameters(model, lora_r=8)
-    config = build_lora_config(8, 16, target_modules=lora_target_modules(model))
+    config = build_lora_config(model, 8, 16)
     assert config.task_type == "CAUSAL_LM" and config.lora_dropout == 0.05 and config.bias == "none"
     peft_model = apply_recipe(model, config)
 
@@ -115,11 +115,29 @@ def test_recipe_with_peft_matches_the_analytic_count() -> None:
     )
 
 
-def test_default_lora_config_targets_the_same_modules(tiny) -> None:
-    model, _ = tiny
-    default = build_lora_config(128, 256).target_modules
-    selected = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(default, n)]
+def test_lora_targets_come_from_the_model_for_any_llm() -> None:
+    """A Phi LLM's MLP is fc1/fc2, as CLIP's: the targets are the LLM's own linears, never a tower's."""
+    from transformers import PhiConfig
+
+    from vidlora.model.modeling import VideoLlavaForCausalLM
+    from vidlora.model.presets import build_config
+
+    tiny = build_config("tiny")
+    text = PhiConfig(
+        vocab_size=tiny.text_config.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    config = build_config("tiny")
+    config.text_config = text
+    model = VideoLlavaForCausalLM(config)
+    pattern = build_lora_config(model, 8, 16).target_modules
+    selected = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
     assert selected == lora_target_module_names(model)
+    assert {n.rsplit(".", 1)[-1] for n in selected} == {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
+    assert all(n.startswith("language_model.") for n in selected) and len(selected) == 2 * 6
 
 
 def test_recipe_without_lora_trains_llm_and_projector() -> None:
@@ -141,7 +159,7 @@ def test_recipe_with_frozen_llm_trains_the_projector_only() -> None:
 
 def test_counts_from_flags_follow_what_was_frozen_after_the_recipe() -> None:
     model, _ = build_preset("tiny", seed=0)
-    peft_model = apply_recipe(model, build_lora_config(8, 16))
+    peft_model = apply_recipe(model, build_lora_config(model, 8, 16))
     model.mm_projector.requires_grad_(False)  # --freeze_mm_mlp_adapter
     by_flags = info.count_parameters(peft_model, from_flags=True)
     assert by_flags.trainable == 34_816
@@ -153,7 +171,7 @@ def test_peft_works_on_the_meta_device() -> None:
     # `vidlora info` counts analytically; this checks that the real PEFT path agrees on meta too.
     model, _ = build_preset("tiny", seed=0, device="meta")
     analytic = info.lora_parameter_count(model, 4)
-    peft_model = apply_recipe(model, build_lora_config(4, 8))
+    peft_model = apply_recipe(model, build_lora_config(model, 4, 8))
     lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert lora == analytic == 34_816 // 2
     with pytest.raises(ValueError, match="already has LoRA layers"):

@@ -17,8 +17,9 @@ from transformers import (
 )
 
 from vidlora.model import keymaps
-from vidlora.model.loading import CheckpointLoadError, load_pretrained
+from vidlora.model.loading import load_pretrained
 from vidlora.model.presets import build_preset
+from vidlora.model.report import CheckpointLoadError
 
 VISION_FIELDS = (
     "hidden_size",

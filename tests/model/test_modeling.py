@@ -273,13 +273,13 @@ def test_placeholder_id_in_a_decoding_step_is_an_ordinary_token(model, media):
 def test_run_all_towers_adds_exact_zero_and_uses_the_same_parameters_as_a_media_batch(media):
     videos, images = media
     text_only = _batch([ROWS[3]])
-    plain, synced = _model(), _model(run_all_towers=True)
+    plain, synced = _model(), _model()
     seen: list[str] = []
     synced.image_tower.register_forward_hook(lambda *_: seen.append("image"))
     synced.video_tower.register_forward_hook(lambda *_: seen.append("video"))
 
     out_plain = plain(**text_only)
-    out_synced = synced(**text_only)
+    out_synced = synced(**text_only, run_all_towers=True)
     assert seen == ["image", "video"]
     torch.testing.assert_close(out_synced.logits, out_plain.logits, atol=0, rtol=0)
     out_plain.loss.backward()
@@ -291,8 +291,10 @@ def test_run_all_towers_adds_exact_zero_and_uses_the_same_parameters_as_a_media_
             assert torch.count_nonzero(p.grad) == 0, name  # exactly zero gradient for media weights
 
     # A batch with both media touches exactly the same parameters (ZeRO-3 ranks stay in step).
-    media_model = _model(run_all_towers=True)
-    media_model(**_batch(ROWS), pixel_values_images=images, pixel_values_videos=videos).loss.backward()
+    media_model = _model()
+    media_model(
+        **_batch(ROWS), pixel_values_images=images, pixel_values_videos=videos, run_all_towers=True
+    ).loss.backward()
     media_used = {n for n, p in media_model.named_parameters() if p.grad is not None}
     assert text_used == media_used
     # Everything but what the features never reach: towers' last layer (select layer -2), post_layernorm.
@@ -304,13 +306,13 @@ def test_run_all_towers_adds_exact_zero_and_uses_the_same_parameters_as_a_media_
     # Image-only batch: only the video tower runs on a dummy.
     seen.clear()
     with torch.no_grad():
-        synced(**_batch([ROWS[1]]), pixel_values_images=images[:1])
+        synced(**_batch([ROWS[1]]), pixel_values_images=images[:1], run_all_towers=True)
     assert seen == ["image", "video"]
     # Video-only batch: the image tower's dummy still runs *first*, so a rank holding a video and
     # a rank holding an image call the towers in the same order (ZeRO-3 gathers in call order).
     seen.clear()
     with torch.no_grad():
-        synced(**_batch([ROWS[0]]), pixel_values_videos=videos[:1])
+        synced(**_batch([ROWS[0]]), pixel_values_videos=videos[:1], run_all_towers=True)
     assert seen == ["image", "video"]
 
 
@@ -405,7 +407,7 @@ def test_config_derived_lengths_and_round_trip(tmp_path):
         -2,
         -100,
     )
-    assert config.run_all_towers is False
+    assert config.prompt_tokenization == "split_at_media"
     config.save_pretrained(tmp_path)
     loaded = VideoLlavaConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()

@@ -197,9 +197,9 @@ def test_7b_config_values_and_round_trip(tmp_path):
 
 def test_build_config_overrides():
     config = build_config(
-        "videollava-7b", run_all_towers=True, text_config={"num_hidden_layers": 2}, image_config=None
+        "videollava-7b", mm_vision_select_layer=-1, text_config={"num_hidden_layers": 2}, image_config=None
     )
-    assert config.run_all_towers is True
+    assert config.mm_vision_select_layer == -1
     assert config.text_config.num_hidden_layers == 2 and config.text_config.hidden_size == 4096
     assert config.image_config is None and config.video_config is not None
     # The preset itself is unchanged.

@@ -132,7 +132,7 @@ def test_quantizing_twice_or_after_lora_is_refused(bnb, tiny):
         ValueError, match=r"language_model\.model\.layers\.0\.self_attn\.q_proj is already quantized"
     ):
         quantize_language_model(model, bits=4)
-    with_lora = apply_recipe(copy.deepcopy(tiny), build_lora_config(8, 16))
+    with_lora = apply_recipe(copy.deepcopy(tiny), build_lora_config(tiny, 8, 16))
     with pytest.raises(ValueError, match=r"already carries LoRA; quantize before applying LoRA"):
         quantize_language_model(with_lora.base_model.model, bits=4)
 
@@ -274,7 +274,7 @@ def test_lora_on_the_quantized_llm_trains_only_adapters_and_projector(bnb, tiny,
     projector = {n: p.detach().clone() for n, p in quantized.mm_projector.named_parameters()}
 
     torch.manual_seed(0)  # LoRA A's initialisation and LoRA dropout
-    model = apply_recipe(quantized, build_lora_config(8, 16))
+    model = apply_recipe(quantized, build_lora_config(quantized, 8, 16))
     wrapped = {n: type(model.base_model.model.get_submodule(n)) for n in _llm_linear_names()}
     assert set(wrapped.values()) == {getattr(lora_bnb, lora_layer)}, wrapped
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -313,7 +313,8 @@ def test_gradient_checkpointing_flag_makes_the_embedding_output_require_grad(
 def test_checkpointed_qlora_step_reaches_the_adapters(bnb, tiny, batch):
     text_only = {"input_ids": batch["input_ids"][:, -8:], "labels": batch["input_ids"][:, -8:]}
     torch.manual_seed(0)
-    model = apply_recipe(_quantized(tiny, bits=4, gradient_checkpointing=True), build_lora_config(8, 16))
+    quantized = _quantized(tiny, bits=4, gradient_checkpointing=True)
+    model = apply_recipe(quantized, build_lora_config(quantized, 8, 16))
     model.base_model.model.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": True}
     )

@@ -111,7 +111,7 @@ def seed_argv(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Call
 def train_in_process() -> Callable[[list[str]], object]:
     """``train_in_process(argv)``: parse like `vidlora train` and run; returns the Trainer."""
     from vidlora.args import parse_train_args
-    from vidlora.train import run
+    from vidlora.training.recipe import run
 
     def train(argv: list[str]):
         model_args, data_args, train_args = parse_train_args([*argv, "--disable_tqdm", "True"])

@@ -54,10 +54,20 @@ def test_every_checkpoint_is_complete(reference_run, where):
     assert len(adapter) == ADAPTER_TENSORS and all(".lora_A." in k or ".lora_B." in k for k in adapter)
     assert sorted(load_file(str(directory / NON_LORA))) == PROJECTOR_KEYS
     data = json.loads((directory / "vidlora_config.json").read_text())
-    assert (data["template"], data["num_frames"], data["image_aspect_ratio"]) == ("v1", 8, "pad")
-    assert data["base_model"] == "tiny" and data["lora"] == {
-        "enabled": True, "r": 8, "alpha": 16, "dropout": 0.05, "bias": "none",
-    }  # fmt: skip
+    processor = data["processor"]
+    assert (processor["template"], processor["num_frames"], processor["image_aspect_ratio"]) == (
+        "v1",
+        8,
+        "pad",
+    )
+    assert (processor["image_tokens"], processor["video_tokens"], processor["mm_vision_select_layer"]) == (
+        16,
+        136,
+        -2,
+    )
+    assert data["base"]["model_name_or_path"] == "tiny" and data["format"] == 2
+    training = data["training"]["training_args"]
+    assert (training["lora_r"], training["lora_alpha"], training["lora_dropout"]) == (8, 16, 0.05)
     adapter_config = json.loads((directory / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"]) == (8, 16)
 
@@ -88,11 +98,8 @@ def test_a_checkpoint_loads_alone_for_inference(reference_run, where):
     _assert_same_tensors(
         get_peft_model_state_dict(model), load_file(str(directory / "adapter_model.safetensors"))
     )
-    assert (loaded.settings.template, loaded.settings.num_frames, loaded.settings.image_aspect_ratio) == (
-        "v1",
-        8,
-        "pad",
-    )
+    processor = loaded.processor
+    assert (processor.template, processor.num_frames, processor.image_aspect_ratio) == ("v1", 8, "pad")
     assert len(loaded.tokenizer) == base.get_input_embeddings().num_embeddings
 
 

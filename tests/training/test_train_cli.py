@@ -14,10 +14,15 @@ from pathlib import Path
 import pytest
 
 from vidlora.args import ArgumentProblems, parse_train_args
-from vidlora.train import main
+from vidlora.cli import main as vidlora
 
 ROOT = Path(__file__).resolve().parents[2]
 ZERO3 = ROOT / "configs" / "zero3.json"
+
+
+def main(argv: list[str]) -> int:
+    """`vidlora train ARGV` through the CLI (its error policy included)."""
+    return vidlora(["train", *argv])
 
 
 def _logged_losses(trainer) -> list[float]:
@@ -53,9 +58,9 @@ def test_every_flag_of_the_seed_command_is_accepted(seed_argv, tmp_path):
     assert (train.save_steps, train.save_total_limit, train.logging_steps) == (5, 1, 1)
     assert train.learning_rate == 2e-4 and train.weight_decay == 0.0
     assert str(train.lr_scheduler_type.value) == "cosine" and str(train.save_strategy.value) == "steps"
-    assert train.model_max_length == 2048 and train.gradient_checkpointing is True
+    assert data.model_max_length == 2048 and train.gradient_checkpointing is True
     assert train.dataloader_num_workers == 0 and train.report_to == []
-    assert Path(train.cache_dir).is_dir()
+    assert Path(model.cache_dir).is_dir()
     # No GPU here: the Trainer is told to use the CPU.
     assert train.use_cpu is True
 
@@ -99,7 +104,7 @@ def test_main_returns_2_and_prints_every_problem(seed_argv, tmp_path, monkeypatc
     argv = seed_argv(tmp_path / "out", bits="3", data_path=None, num_frames="0")
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "vidlora train: 3 problem(s) with the arguments:" in err
+    assert "vidlora train: error: 3 problem(s) with the arguments:" in err
     for text in (
         "--bits 3: use 4, 8 or 16.",
         "--data_path is required",
@@ -188,14 +193,14 @@ def test_projector_lr_has_its_own_groups_and_the_log_shows_the_main_rate(
     assert rates[0] == pytest.approx(2e-4)
 
 
-def test_deepspeed_without_a_launcher_returns_1_before_loading(seed_argv, tmp_path, monkeypatch, capsys):
+def test_deepspeed_without_a_launcher_returns_2_before_loading(seed_argv, tmp_path, monkeypatch, capsys):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     _refuse_model_loading(monkeypatch)
-    assert main(seed_argv(tmp_path / "out", deepspeed=str(ZERO3))) == 1
+    assert main(seed_argv(tmp_path / "out", deepspeed=str(ZERO3))) == 2
     err = capsys.readouterr().err
     assert (
-        "vidlora train: --deepspeed needs a distributed launcher (missing environment: RANK, LOCAL_RANK"
+        "vidlora train: error: --deepspeed needs a distributed launcher (missing environment: RANK, LOCAL_RANK"
         in err
     )
     assert "deepspeed --num_gpus N --module vidlora.train" in err

@@ -1,25 +1,20 @@
-"""`vidlora check`: read every sample the way training would and report every problem at once.
+"""`vidlora check`'s work: read every sample the way training would and report every problem at once.
 
-For each record: validation (:mod:`vidlora.data.records`), media path resolution, tokenisation
-with the model's tokenizer, template and media token counts (and the length limits), then
-decoding of the sampled video frames and the images through the same pre-processing training
-uses (:mod:`vidlora.data.dataset`). Nothing stops at the first problem: every bad sample is listed
-with its id, record file, media file and a reason category (:class:`~vidlora.data.dataset.ProblemKind`).
+Each record goes through training's own validation (:func:`~vidlora.data.dataset.prepare_sample`:
+records, accepted media, path resolution, files, tokenization with the run's processor and length
+limits), then its sampled video frames and images are decoded through the same processor that
+training uses. Nothing stops at the first problem: every bad sample is listed with its id, record
+file, media file and a reason category (:class:`~vidlora.data.dataset.ProblemKind`), so a sample
+training refuses is reported here, and the reverse.
 
 The summary gives samples per modality, media statistics from :func:`~vidlora.data.media.probe_video`
 (duration, fps, resolution, codec), text and expanded token-length histograms and how many samples
-would be truncated or rejected. ``--workers K`` decodes in K processes (results in input order);
-``--report out.json`` writes everything machine-readably. Exit status: 0 when every sample is
-usable, 1 when any is not, 2 when the check itself cannot run (bad arguments, model not loadable).
-
-``--model_name_or_path tiny`` (the default) uses the tiny preset's tokenizer and config: no
-weights are built. Other names are loaded with ``device="meta"`` (config and tokenizer only).
+would be truncated or rejected. ``workers`` decodes in several processes (results in input order).
+The command (flags, model loading) is :mod:`vidlora.check`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import sys
 from collections import Counter
@@ -35,41 +30,20 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from vidlora.data.dataset import (
-    ASPECT_MODES,
+    MediaFolders,
     ProblemKind,
     SampleProblem,
     classify_media_error,
-    frames_from_config,
-    load_video,
-    pixel_spec_from_config,
+    prepare_sample,
     read_samples,
-    record_field_path,
     stat_problem,
 )
 from vidlora.data.media import MediaError, probe_video, read_image
-from vidlora.data.records import RecordError, Sample, resolve_media
-from vidlora.data.templates import Template, TemplateError, get_template
-from vidlora.data.tokenize import MediaTokenCounts, TokenizationError, tokenize_sample
-from vidlora.data.transforms import PixelSpec, preprocess_image
+from vidlora.data.processor import Processor
+from vidlora.data.records import Sample
 
 HISTOGRAM_BINS = 10
 MAX_PRINTED_PROBLEMS = 200
-
-
-@dataclass(frozen=True)
-class CheckSettings:
-    """What training would use to read the data (a subset of the training flags)."""
-
-    data_path: tuple[str, ...]
-    video_folder: str | None = None
-    image_folder: str | None = None
-    version: str = "v1"
-    num_frames: int = 8
-    model_max_length: int | None = 2048
-    tokenizer_model_max_length: int | None = None
-    image_aspect_ratio: str = "pad"
-    allow_outside: bool = False
-    decode_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -78,9 +52,7 @@ class MediaJob:
 
     video: str | None
     images: tuple[str, ...]
-    num_frames: int
-    spec: PixelSpec
-    aspect: str
+    processor: Processor
     timeout_s: float
 
 
@@ -109,7 +81,7 @@ def check_media(job: MediaJob) -> MediaResult:
         else:
             try:
                 info = probe_video(path, timeout_s=job.timeout_s)
-                load_video(path, job.num_frames, job.spec, job.timeout_s)
+                job.processor.load_video(path, timeout_s=job.timeout_s)
                 result.video = asdict(info)  # only videos that decode enter the statistics
             except (MediaError, TimeoutError, ValueError) as exc:
                 failed(path, exc)
@@ -121,7 +93,7 @@ def check_media(job: MediaJob) -> MediaResult:
             continue
         try:
             image = read_image(path)
-            preprocess_image(image, job.spec, aspect=job.aspect)
+            job.processor.preprocess_image(image)
             result.image_sizes.append(image.size)
         except (MediaError, TimeoutError, ValueError) as exc:
             failed(path, exc)
@@ -168,95 +140,39 @@ def _counter(values: Iterable[Any]) -> dict[str, int]:
     return dict(sorted(Counter(str(v) for v in values).items()))
 
 
-def _tokenize_checks(
-    sample: Sample,
-    info: SampleInfo,
-    tokenizer: PreTrainedTokenizerBase,
-    template: Template,
-    counts: MediaTokenCounts,
-    settings: CheckSettings,
-) -> SampleProblem | None:
-    """Fill token lengths; return a problem when training would reject the sample."""
-
-    def problem(reason: str) -> SampleProblem:
-        return SampleProblem(ProblemKind.TOKENIZATION, reason, sample.id, sample.index, str(sample.source))
-
-    try:
-        full = tokenize_sample(sample, tokenizer, template, counts)
-    except TokenizationError as err:
-        return problem(err.reason)
-    placeholders = int(sample.video is not None) + len(sample.images)
-    info.text_tokens = full.num_text_tokens + placeholders
-    info.expanded_tokens = len(full.input_ids)
-    mml, tmml = settings.model_max_length, settings.tokenizer_model_max_length
-    if (mml is not None and info.text_tokens > mml) or (tmml is not None and info.expanded_tokens > tmml):
-        try:
-            tokenize_sample(
-                sample, tokenizer, template, counts, model_max_length=mml, tokenizer_model_max_length=tmml
-            )
-        except TokenizationError as err:
-            return problem(err.reason)
-        info.truncated = True
-    return None
-
-
 def run_check(
-    settings: CheckSettings,
+    data_paths: Sequence[str | Path],
+    processor: Processor,
     tokenizer: PreTrainedTokenizerBase,
-    counts: MediaTokenCounts,
-    spec: PixelSpec,
+    folders: MediaFolders,
     *,
+    decode_timeout: float = 60.0,
     workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Check every sample; return the full report (see the module docstring).
-
-    Raises:
-        TemplateError: unknown ``settings.version``.
-        ValueError: unknown ``settings.image_aspect_ratio``.
-    """
-    template = get_template(settings.version)
-    if settings.image_aspect_ratio not in ASPECT_MODES:
-        raise ValueError(f"--image_aspect_ratio must be one of {sorted(ASPECT_MODES)}")
-    aspect = ASPECT_MODES[settings.image_aspect_ratio]
-    samples, problems = read_samples(list(settings.data_path))
+    """Check every sample of ``data_paths`` as training reads it; return the full report."""
+    samples, problems = read_samples(list(data_paths))
     invalid_records = sum(1 for p in problems if p.index is not None)
     invalid_files = len(problems) - invalid_records
     infos: list[SampleInfo] = []
     jobs: list[tuple[int, MediaJob]] = []
     records_bar = tqdm(samples, desc="check records", unit="sample", disable=not progress, file=sys.stderr)
     for sample in records_bar:
-        info = SampleInfo(sample.id, str(sample.source), sample.index, modality_of(sample))
+        prepared = prepare_sample(sample, processor, tokenizer, folders)
+        info = SampleInfo(
+            sample.id, str(sample.source), sample.index, modality_of(sample),
+            text_tokens=prepared.text_length, expanded_tokens=prepared.full_length, truncated=prepared.truncated,
+        )  # fmt: skip
         infos.append(info)
-        try:
-            video, images = resolve_media(
-                sample, settings.video_folder, settings.image_folder, settings.allow_outside
-            )
-        except RecordError as err:
-            problems.append(
-                SampleProblem(
-                    ProblemKind.BAD_PATH,
-                    err.reason,
-                    sample.id,
-                    sample.index,
-                    str(sample.source),
-                    record_field_path(sample, err.field),
-                )
-            )
-        else:
-            if sample.has_media:
-                job = MediaJob(
-                    None if video is None else str(video),
-                    tuple(str(p) for p in images),
-                    settings.num_frames,
-                    spec,
-                    aspect,
-                    settings.decode_timeout,
-                )
-                jobs.append((len(infos) - 1, job))
-        found = _tokenize_checks(sample, info, tokenizer, template, counts, settings)
-        if found is not None:
-            problems.append(found)
+        problems += prepared.problems
+        # Decode what resolved and exists; the files training would refuse are reported already.
+        failed = {p.file for p in prepared.problems if p.file is not None}
+        video = (
+            str(prepared.video) if prepared.video is not None and str(prepared.video) not in failed else None
+        )
+        images = tuple(str(p) for p in prepared.images if str(p) not in failed)
+        if video is not None or images:
+            jobs.append((len(infos) - 1, MediaJob(video, images, processor, decode_timeout)))
 
     results = _decode_all([job for _, job in jobs], workers, progress)
     videos: list[dict[str, Any]] = []
@@ -272,7 +188,7 @@ def run_check(
         image_sizes += result.image_sizes
 
     # Problems in input order: by record file (in --data_path order), then record index.
-    file_order = {str(Path(p)): k for k, p in enumerate(settings.data_path)}
+    file_order = {str(Path(p)): k for k, p in enumerate(data_paths)}
     problems.sort(
         key=lambda p: (
             file_order.get(p.source or "", len(file_order)),
@@ -289,10 +205,12 @@ def run_check(
     return {
         "ok": not problems,
         "settings": {
-            **asdict(settings),
-            "data_path": list(settings.data_path),
-            "media_token_counts": asdict(counts),
-            "image_size": spec.image_size,
+            "data_path": [str(p) for p in data_paths],
+            "video_folder": None if folders.video_folder is None else str(folders.video_folder),
+            "image_folder": None if folders.image_folder is None else str(folders.image_folder),
+            "allow_outside": folders.allow_outside,
+            "decode_timeout": decode_timeout,
+            "processor": processor.to_dict(),
         },
         "counts": {
             "invalid_files": invalid_files,
@@ -316,7 +234,9 @@ def run_check(
             "videos": {
                 "decoded": len(videos),
                 # Fewer frames than sampled: frames repeat (the original's linspace), not an error.
-                "shorter_than_num_frames": sum(1 for v in videos if v["num_frames"] < settings.num_frames),
+                "shorter_than_num_frames": sum(
+                    1 for v in videos if v["num_frames"] < (processor.num_frames or 0)
+                ),
                 "duration_s": _stats([v["duration_s"] for v in videos]),
                 "num_frames": _stats([v["num_frames"] for v in videos]),
                 "fps": _counter(round(v["fps"], 3) for v in videos),
@@ -359,27 +279,6 @@ def _decode_all(jobs: list[MediaJob], workers: int, progress: bool) -> list[Medi
                 results.append(result)
                 bar.update(1)
             return results
-
-
-# -- the command ------------------------------------------------------------------------------
-
-
-def load_tokenizer_and_config(
-    model_name_or_path: str, video_tower: str | None = None, image_tower: str | None = None
-) -> tuple[PreTrainedTokenizerBase, Any]:
-    """Tokenizer (with media tokens) and model config, without reading any weights."""
-    if model_name_or_path == "tiny":
-        from vidlora.model.presets import build_config
-        from vidlora.model.tokenizer import build_tiny_tokenizer
-
-        tokenizer = build_tiny_tokenizer()
-        return tokenizer, build_config("tiny", tokenizer=tokenizer)
-    from vidlora.model.loading import load_pretrained
-
-    loaded = load_pretrained(
-        model_name_or_path, video_tower=video_tower, image_tower=image_tower, device="meta"
-    )
-    return loaded.tokenizer, loaded.model.config
 
 
 def _histogram_lines(title: str, stats: dict[str, Any], width: int = 30) -> list[str]:
@@ -444,86 +343,3 @@ def format_report(report: dict[str, Any]) -> str:
             f"  ... {len(problems) - MAX_PRINTED_PROBLEMS} more (write them all with --report out.json)"
         )
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of `vidlora check` (names as in `vidlora train`)."""
-    parser = argparse.ArgumentParser(
-        prog="vidlora check",
-        description="Read every sample the way training would and report every problem (exit 1 if any).",
-    )
-    parser.add_argument("--data_path", nargs="+", required=True, help="JSON/JSONL record file(s).")
-    parser.add_argument("--video_folder", default=None, help="Folder that video paths are relative to.")
-    parser.add_argument("--image_folder", default=None, help="Folder that image paths are relative to.")
-    parser.add_argument(
-        "--model_name_or_path", default="tiny", help="Preset or checkpoint (config and tokenizer only)."
-    )
-    parser.add_argument(
-        "--video_tower", default=None, help="LanguageBind video tower (for a plain LLM checkpoint)."
-    )
-    parser.add_argument(
-        "--image_tower", default=None, help="LanguageBind image tower (for a plain LLM checkpoint)."
-    )
-    parser.add_argument("--version", default="v1", help="Prompt template (v1, llava_v1, v0, plain, llama_2).")
-    parser.add_argument(
-        "--num_frames", type=int, default=None, help="Frames per video (default: the model's)."
-    )
-    parser.add_argument(
-        "--model_max_length", type=int, default=2048, help="Max text tokens (placeholders count once)."
-    )
-    parser.add_argument("--tokenizer_model_max_length", type=int, default=None, help="Max expanded tokens.")
-    parser.add_argument("--image_aspect_ratio", default="pad", choices=sorted(ASPECT_MODES))
-    parser.add_argument(
-        "--allow_media_outside_folder", action="store_true", help="Accept absolute/escaping paths."
-    )
-    parser.add_argument(
-        "--decode_timeout", type=float, default=60.0, help="Seconds allowed to read one video."
-    )
-    parser.add_argument("--workers", type=int, default=1, help="Decode in this many processes.")
-    parser.add_argument("--report", default=None, help="Write the full report as JSON here.")
-    parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `vidlora check`; returns 0 (all usable), 1 (bad samples) or 2 (cannot check)."""
-    args = build_parser().parse_args(argv)
-    if args.workers < 1:
-        print("vidlora check: --workers must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        get_template(args.version)
-        tokenizer, config = load_tokenizer_and_config(
-            args.model_name_or_path, args.video_tower, args.image_tower
-        )
-        num_frames = frames_from_config(config, args.num_frames)
-        counts = MediaTokenCounts.from_config(config)
-        spec = pixel_spec_from_config(config)
-    except (TemplateError, ValueError, OSError) as err:
-        print(f"vidlora check: {err}", file=sys.stderr)
-        return 2
-    settings = CheckSettings(
-        data_path=tuple(args.data_path),
-        video_folder=args.video_folder,
-        image_folder=args.image_folder,
-        version=args.version,
-        num_frames=num_frames,
-        model_max_length=args.model_max_length,
-        tokenizer_model_max_length=args.tokenizer_model_max_length,
-        image_aspect_ratio=args.image_aspect_ratio,
-        allow_outside=args.allow_media_outside_folder,
-        decode_timeout=args.decode_timeout,
-    )
-    report = run_check(settings, tokenizer, counts, spec, workers=args.workers, progress=not args.no_progress)
-    report["settings"]["model_name_or_path"] = args.model_name_or_path
-    print(format_report(report))
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        print(f"report written to {args.report}")
-    return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-    from vidlora.cli import run_command
-
-    raise SystemExit(run_command("check", main, sys.argv[1:]))

@@ -60,7 +60,9 @@ class MultimodalCollator:
             "attention_mask": pad_sequences([torch.ones_like(s) for s in ids], 0, self.padding_side),
         }
         if all("labels" in item for item in items):
-            batch["labels"] = pad_sequences([item["labels"] for item in items], IGNORE_INDEX, self.padding_side)
+            batch["labels"] = pad_sequences(
+                [item["labels"] for item in items], IGNORE_INDEX, self.padding_side
+            )
         for key in ("pixel_values_videos", "pixel_values_images"):
             stacked = _stack_media(items, key)
             if stacked is not None:

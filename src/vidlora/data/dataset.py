@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -35,16 +35,11 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vidlora.data.media import MediaError, read_image, read_video
+from vidlora.data.media import MediaError
+from vidlora.data.processor import Processor
 from vidlora.data.records import RecordError, Sample, read_records, resolve_media
-from vidlora.data.templates import Template, get_template
-from vidlora.data.tokenize import MediaTokenCounts, TokenizationError, TokenizedSample, tokenize_sample
-from vidlora.data.transforms import PixelSpec, preprocess_image, preprocess_video
+from vidlora.data.tokenize import TokenizationError
 from vidlora.errors import VidloraError
-from vidlora.model.tokenizer import MediaTokenIds, media_token_ids
-
-#: ``--image_aspect_ratio`` values -> :func:`preprocess_image` ``aspect`` ("square" = plain resize + crop).
-ASPECT_MODES = {"pad": "pad", "square": "resize", "resize": "resize"}
 
 ADVICE = "run `vidlora check` with the same arguments to list every unreadable sample before training"
 
@@ -67,9 +62,6 @@ class ProblemKind(str, Enum):
 
 
 _KINDS = frozenset(k.value for k in ProblemKind)
-
-#: Media modalities a dataset can accept (``--X Video Image``, lower-cased).
-MEDIA_MODALITIES: tuple[str, ...] = ("video", "image")
 
 
 @dataclass(frozen=True)
@@ -202,17 +194,6 @@ def classify_media_error(path: Path, exc: BaseException) -> tuple[ProblemKind, s
     return (found[0] if found is not None else ProblemKind.UNREADABLE_MEDIA), reason
 
 
-def load_video(path: Path, num_frames: int, spec: PixelSpec, timeout_s: float) -> torch.Tensor:
-    """Decode ``num_frames`` frames and pre-process them: float32 ``[T, 3, S, S]``."""
-    frames, _ = read_video(path, num_frames, timeout_s=timeout_s)
-    return preprocess_video(frames, spec)
-
-
-def load_image(path: Path, spec: PixelSpec, aspect: str) -> torch.Tensor:
-    """Read and pre-process one image: float32 ``[3, S, S]``."""
-    return preprocess_image(read_image(path), spec, aspect=aspect)
-
-
 def record_field_path(sample: Sample, field: str | None) -> str | None:
     """The media path as written in the record for a RecordError field ("video" or "image[k]")."""
     if field == "video":
@@ -223,17 +204,102 @@ def record_field_path(sample: Sample, field: str | None) -> str | None:
     return None
 
 
-# -- the dataset ------------------------------------------------------------------------------
+# -- one sample, the way training reads it ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Entry:
-    """A sample that passed construction, with its resolved media and its signed length."""
+class MediaFolders:
+    """Where a dataset's relative media paths point (``--video_folder``, ``--image_folder``)."""
+
+    video_folder: str | Path | None = None
+    image_folder: str | Path | None = None
+    allow_outside: bool = False
+
+
+@dataclass
+class PreparedSample:
+    """What reading one sample the way training does found: its media, its lengths, its problems.
+
+    ``video``/``images`` are resolved when the paths are valid (even if another check failed, so
+    `vidlora check` can still decode them); the lengths are known when tokenization succeeded.
+    """
 
     sample: Sample
-    video: Path | None
-    images: tuple[Path, ...]
-    modality_length: int
+    video: Path | None = None
+    images: tuple[Path, ...] = ()
+    text_length: int | None = None  # placeholders counted once, before truncation
+    full_length: int | None = None  # media expanded, before truncation
+    length: int | None = None  # media expanded, after truncation (what the model sees)
+    problems: list[SampleProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def truncated(self) -> bool:
+        return self.length is not None and self.full_length is not None and self.length < self.full_length
+
+    @property
+    def modality_length(self) -> int:
+        """Expanded length, negated for text-only samples (the grouped sampler's input)."""
+        assert self.length is not None
+        return self.length if self.sample.has_media else -self.length
+
+
+def prepare_sample(
+    sample: Sample,
+    processor: Processor,
+    tokenizer: PreTrainedTokenizerBase,
+    folders: MediaFolders,
+    *,
+    check_files: bool = True,
+) -> PreparedSample:
+    """Validate one sample as training does, without decoding: media accepted by the run, paths
+    inside their folders, files present (``check_files``), tokenization within the length limits.
+
+    Training refuses (or, asked to, skips) a sample with problems; `vidlora check` reports them.
+    """
+    prepared = PreparedSample(sample)
+
+    def problem(kind: ProblemKind, reason: str, file: Path | str | None = None) -> None:
+        prepared.problems.append(
+            SampleProblem(
+                kind, reason, sample.id, sample.index, str(sample.source), None if file is None else str(file)
+            )
+        )
+
+    # A sample the run does not accept would still reach a tower (or find none): say so rather than
+    # train on a modality the user switched off.
+    refused = processor.refused_media(sample)
+    if refused is not None:
+        problem(ProblemKind.DISABLED_MODALITY, refused)
+        return prepared
+    try:
+        video, images = resolve_media(
+            sample, folders.video_folder, folders.image_folder, folders.allow_outside
+        )
+    except RecordError as err:
+        problem(error_kind(err, ProblemKind.BAD_PATH), err.reason, record_field_path(sample, err.field))
+    else:
+        prepared.video, prepared.images = video, tuple(images)
+        if check_files:
+            for path in ([video] if video is not None else []) + list(images):
+                found = stat_problem(path)
+                if found is not None:
+                    problem(found[0], found[1], path)
+    try:
+        tokenized = processor.tokenize(sample, tokenizer)
+    except TokenizationError as err:
+        problem(ProblemKind.TOKENIZATION, err.reason)
+        prepared.text_length, prepared.full_length = err.text_length, err.full_length
+    else:
+        prepared.text_length, prepared.full_length = tokenized.text_length, tokenized.full_length
+        prepared.length = len(tokenized.input_ids)
+    return prepared
+
+
+# -- the dataset ------------------------------------------------------------------------------
 
 
 class SupervisedDataset(Dataset):
@@ -246,17 +312,11 @@ class SupervisedDataset(Dataset):
     absent keys mean no such media.
 
     Args:
-        samples: validated samples (from :func:`load_records` / :func:`read_samples`).
+        samples: validated records (:func:`read_samples`).
+        processor: template, tokenization, media counts, pre-processing and length limits.
         tokenizer: a tokenizer with the media tokens.
-        template: a :class:`Template` or its registered name (``--version``).
-        media_counts: tokens per image / per video of the model.
-        pixel_spec: crop size and normalisation of the towers.
-        num_frames: frames decoded per video (must match ``media_counts.video``'s assumption).
-        image_aspect_ratio: ``pad`` (the original's default) or ``square`` (resize + crop).
-        video_folder / image_folder: folders that record paths are relative to.
-        allow_outside: accept absolute paths and paths escaping their folder.
+        folders: where relative media paths point, and whether paths may leave those folders.
         decode_timeout: seconds allowed to read one video.
-        model_max_length / tokenizer_model_max_length: length limits (see :mod:`vidlora.data.tokenize`).
         skip_bad_samples: drop samples with construction-time problems (listed in ``skipped``)
             instead of raising :class:`BadSamplesError`. An unreadable record file, or every
             sample being bad, still raises.
@@ -273,55 +333,26 @@ class SupervisedDataset(Dataset):
         self,
         samples: Sequence[Sample],
         *,
+        processor: Processor,
         tokenizer: PreTrainedTokenizerBase,
-        template: Template | str,
-        media_counts: MediaTokenCounts,
-        pixel_spec: PixelSpec,
-        num_frames: int = 8,
-        image_aspect_ratio: str = "pad",
-        video_folder: str | Path | None = None,
-        image_folder: str | Path | None = None,
-        allow_outside: bool = False,
+        folders: MediaFolders = MediaFolders(),
         decode_timeout: float = 60.0,
-        model_max_length: int | None = None,
-        tokenizer_model_max_length: int | None = None,
         skip_bad_samples: bool = False,
         check_files: bool = True,
         prior_problems: Sequence[SampleProblem] = (),
-        modalities: Collection[str] = MEDIA_MODALITIES,
     ) -> None:
-        unknown = sorted(set(modalities) - set(MEDIA_MODALITIES))
-        if unknown:
-            raise ValueError(f"unknown modalities {unknown}; expected a subset of {list(MEDIA_MODALITIES)}")
-        if image_aspect_ratio not in ASPECT_MODES:
-            raise ValueError(
-                f"image_aspect_ratio must be one of {sorted(ASPECT_MODES)}, got {image_aspect_ratio!r}"
-            )
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.processor = processor
         self.tokenizer = tokenizer
-        self.template = get_template(template) if isinstance(template, str) else template
-        self.media_counts = media_counts
-        self.media_ids: MediaTokenIds = media_token_ids(tokenizer)
-        self.pixel_spec = pixel_spec
-        self.num_frames = num_frames
-        self.image_aspect_ratio = image_aspect_ratio
-        self.video_folder = video_folder
-        self.image_folder = image_folder
-        self.allow_outside = allow_outside
+        self.folders = folders
         self.decode_timeout = decode_timeout
-        self.model_max_length = model_max_length
-        self.tokenizer_model_max_length = tokenizer_model_max_length
         self.skip_bad_samples = skip_bad_samples
-        self.modalities = frozenset(modalities)
-
         problems = list(prior_problems)
-        entries: list[_Entry] = []
+        entries: list[PreparedSample] = []
         for sample in samples:
-            entry, sample_problems = self._prepare(sample, check_files)
-            if entry is not None:
-                entries.append(entry)
-            problems += sample_problems
+            prepared = prepare_sample(sample, processor, tokenizer, folders, check_files=check_files)
+            if prepared.ok:
+                entries.append(prepared)
+            problems += prepared.problems
         # An unreadable record *file* is never skipped: it is a wrong path or a broken export,
         # and training on the remaining files would silently lose a whole part of the data.
         fatal = [p for p in problems if p.kind is ProblemKind.INVALID_FILE]
@@ -342,90 +373,24 @@ class SupervisedDataset(Dataset):
     @classmethod
     def from_args(
         cls,
-        model_args: Any,
         data_args: Any,
-        training_args: Any,
+        processor: Processor,
         tokenizer: PreTrainedTokenizerBase,
-        model_config: Any,
         *,
         eval_split: bool = False,
     ) -> SupervisedDataset:
-        """Build the training (or, with ``eval_split``, the ``--eval_data_path``) dataset from the
-        argument dataclasses of :mod:`vidlora.args` and the model's config.
-
-        Raises:
-            ValueError: ``--num_frames`` differs from the video tower's fixed frame count, or the
-                towers disagree on the input size.
-        """
+        """The training (or, with ``eval_split``, the ``--eval_data_path``) dataset of a run's data flags."""
         paths = data_args.eval_data_path if eval_split else data_args.data_path
         if not paths:
-            raise ValueError("--eval_data_path is not set" if eval_split else "--data_path is not set")
+            raise VidloraError("--eval_data_path is not set" if eval_split else "--data_path is not set")
         return cls.from_paths(
             paths,
+            processor=processor,
             tokenizer=tokenizer,
-            template=model_args.version,
-            media_counts=MediaTokenCounts.from_config(model_config),
-            pixel_spec=pixel_spec_from_config(model_config),
-            num_frames=frames_from_config(model_config, model_args.num_frames),
-            image_aspect_ratio=data_args.image_aspect_ratio,
-            video_folder=data_args.video_folder,
-            image_folder=data_args.image_folder,
-            allow_outside=data_args.allow_media_outside_folder,
+            folders=folders_of(data_args),
             decode_timeout=data_args.decode_timeout,
-            model_max_length=training_args.model_max_length,
-            tokenizer_model_max_length=training_args.tokenizer_model_max_length,
             skip_bad_samples=data_args.skip_bad_samples,
-            modalities=tuple(x.lower() for x in model_args.X),
         )
-
-    # -- construction helpers -------------------------------------------------------------
-
-    def tokenize(self, sample: Sample) -> TokenizedSample:
-        """Tokenise one sample with this dataset's template, counts and length limits."""
-        return tokenize_sample(
-            sample,
-            self.tokenizer,
-            self.template,
-            self.media_counts,
-            model_max_length=self.model_max_length,
-            tokenizer_model_max_length=self.tokenizer_model_max_length,
-            media_ids=self.media_ids,
-        )
-
-    def _prepare(self, sample: Sample, check_files: bool) -> tuple[_Entry | None, list[SampleProblem]]:
-        def problem(kind: ProblemKind, reason: str, file: Path | str | None = None) -> SampleProblem:
-            return SampleProblem(
-                kind, reason, sample.id, sample.index, str(sample.source), None if file is None else str(file)
-            )
-
-        # A sample the run's --X leaves out would still reach a tower (every preset builds both):
-        # say so rather than train on a modality the user switched off.
-        carried = {"video": [sample.video] if sample.video is not None else [], "image": list(sample.images)}
-        disabled = [m for m in MEDIA_MODALITIES if carried[m] and m not in self.modalities]
-        if disabled:
-            enabled = " ".join(m.capitalize() for m in MEDIA_MODALITIES if m in self.modalities) or "no media"
-            what = ", ".join(f"{m} {', '.join(carried[m])}" for m in disabled)
-            return None, [problem(ProblemKind.DISABLED_MODALITY, f"carries {what} but --X enables {enabled}")]
-        problems: list[SampleProblem] = []
-        try:
-            video, images = resolve_media(sample, self.video_folder, self.image_folder, self.allow_outside)
-        except RecordError as err:
-            kind = error_kind(err, ProblemKind.BAD_PATH)
-            return None, [problem(kind, err.reason, record_field_path(sample, err.field))]
-        if check_files:
-            for path in ([video] if video is not None else []) + images:
-                found = stat_problem(path)
-                if found is not None:
-                    problems.append(problem(found[0], found[1], path))
-        try:
-            tokenized = self.tokenize(sample)
-        except TokenizationError as err:
-            problems.append(problem(ProblemKind.TOKENIZATION, err.reason))
-        if problems:
-            return None, problems
-        length = len(tokenized.input_ids)
-        signed = length if sample.has_media else -length
-        return _Entry(sample, video, tuple(images), signed), []
 
     # -- Dataset protocol -----------------------------------------------------------------
 
@@ -450,8 +415,10 @@ class SupervisedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self._entries[index]
         sample = entry.sample
+        # Tokenised again here: deterministic and cheap, and keeping expanded ids for every sample
+        # would cost gigabytes on a 7B-sized data set (2056 ids per video).
         try:
-            tokenized = self.tokenize(sample)
+            tokenized = self.processor.tokenize(sample, self.tokenizer)
         except TokenizationError as err:  # deterministic, so only if the tokenizer changed underneath
             raise SampleError(self._problem(entry, ProblemKind.TOKENIZATION, err.reason, None), None) from err
         item: dict[str, Any] = {
@@ -461,26 +428,24 @@ class SupervisedDataset(Dataset):
         }
         if entry.video is not None:
             video = self._decode(
-                entry,
-                entry.video,
-                lambda p: load_video(p, self.num_frames, self.pixel_spec, self.decode_timeout),
+                entry, entry.video, lambda p: self.processor.load_video(p, timeout_s=self.decode_timeout)
             )
             item["pixel_values_videos"] = video.unsqueeze(0)
         if entry.images:
-            aspect = ASPECT_MODES[self.image_aspect_ratio]
             item["pixel_values_images"] = torch.stack(
-                [
-                    self._decode(entry, p, lambda q: load_image(q, self.pixel_spec, aspect))
-                    for p in entry.images
-                ]
+                [self._decode(entry, p, self.processor.load_image) for p in entry.images]
             )
         return item
 
-    def _problem(self, entry: _Entry, kind: ProblemKind, reason: str, file: Path | None) -> SampleProblem:
+    def _problem(
+        self, entry: PreparedSample, kind: ProblemKind, reason: str, file: Path | None
+    ) -> SampleProblem:
         s = entry.sample
         return SampleProblem(kind, reason, s.id, s.index, str(s.source), None if file is None else str(file))
 
-    def _decode(self, entry: _Entry, path: Path, load: Any) -> torch.Tensor:
+    def _decode(
+        self, entry: PreparedSample, path: Path, load: Callable[[Path], torch.Tensor]
+    ) -> torch.Tensor:
         try:
             return load(path)
         except (MediaError, TimeoutError, ValueError) as exc:
@@ -501,41 +466,9 @@ class SupervisedDataset(Dataset):
         return child
 
 
-# -- config helpers ---------------------------------------------------------------------------
-
-
-def pixel_spec_from_config(config: Any) -> PixelSpec:
-    """The :class:`PixelSpec` of a model config's towers (CLIP mean/std, tower input size).
-
-    Raises:
-        ValueError: the image and video towers take different input sizes (one spec serves both).
-    """
-    sizes = {
-        c.image_size
-        for c in (getattr(config, "image_config", None), getattr(config, "video_config", None))
-        if c is not None
-    }
-    if len(sizes) != 1:
-        raise ValueError(f"cannot derive one pixel size from the towers' image sizes {sorted(sizes)}")
-    return PixelSpec(image_size=sizes.pop())
-
-
-def frames_from_config(config: Any, requested: int | None) -> int:
-    """Frames per video: the video tower's fixed count; ``requested`` must agree when given.
-
-    Raises:
-        ValueError: ``requested`` differs from the tower's temporal embedding length.
-    """
-    video_config = getattr(config, "video_config", None)
-    if video_config is None:
-        return requested if requested is not None else 8
-    fixed = int(video_config.num_frames)
-    if requested is not None and requested != fixed:
-        raise ValueError(
-            f"--num_frames {requested}: the model's video tower is built for {fixed} frames "
-            f"(its temporal embedding and video token count are fixed); pass --num_frames {fixed}"
-        )
-    return fixed
+def folders_of(data_args: Any) -> MediaFolders:
+    """The media folders of a run's data flags (``--video_folder``, ``--image_folder``, ``--allow_media_outside_folder``)."""
+    return MediaFolders(data_args.video_folder, data_args.image_folder, data_args.allow_media_outside_folder)
 
 
 # -- eval hold-out ----------------------------------------------------------------------------

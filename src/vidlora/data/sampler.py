@@ -60,7 +60,9 @@ def length_grouped_indices(
     return result
 
 
-def _complete_tail(group: list[int], megabatch_size: int, generator: torch.Generator) -> tuple[list[int], int]:
+def _complete_tail(
+    group: list[int], megabatch_size: int, generator: torch.Generator
+) -> tuple[list[int], int]:
     """Repeat members of ``group`` so its size is a multiple of ``megabatch_size``."""
     missing = (-len(group)) % megabatch_size
     if missing == 0:

@@ -616,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed gives the same dataset"
     )
-    parser.add_argument("--size", type=int, default=64, help="frame/image width and height in pixels (even, at least 30)")
+    parser.add_argument(
+        "--size", type=int, default=64, help="frame/image width and height in pixels (even, at least 30)"
+    )
     parser.add_argument("--frames", type=int, default=16, help="frames per video")
     parser.add_argument("--fps", type=int, default=8, help="video frame rate")
     parser.add_argument(

@@ -6,20 +6,29 @@ concatenated, so labels never depend on re-tokenising prefixes and counting (the
 ``preprocess_v1`` masking, which silently zeroed whole samples when a tokenizer's leading-space
 handling changed). Labels are the ids of trained segments and ``-100`` elsewhere.
 
-Segment-wise ids equal the ids of tokenising the whole prompt at once wherever segment and
-placeholder boundaries are token boundaries in the whole-prompt tokenisation, which holds for
-every registered template with LLaMA (SentencePiece/Metaspace) and byte-level BPE tokenizers,
-because boundaries fall before a space-led word, before/after a special token, or after
-punctuation that the pre-tokenizer splits off. Mechanics:
+Segment-wise ids equal the ids the model's own convention gives (``prompt_tokenization``)
+wherever segment boundaries are token boundaries there, which holds for every registered
+template with LLaMA (SentencePiece/Metaspace) and byte-level BPE tokenizers, because boundaries
+fall before a space-led word, before/after a special token, or after punctuation that the
+pre-tokenizer splits off. The two conventions:
+
+* ``split_at_media`` (the original's ``tokenizer_image_token``): the prompt is cut at every media
+  placeholder and each piece tokenized as a string of its own, so text after a placeholder gets
+  SentencePiece's dummy prefix (LLaMA: ``▁`` + ``\n`` after every media run). Checked against an
+  independent re-statement of the original in ``tests/data/test_original_ids.py``.
+* ``whole_prompt`` (transformers' processor): the whole prompt at once, placeholders as special
+  tokens, so text after a placeholder is text after a special token (non-legacy LLaMA: no "▁").
+
+Mechanics:
 
 * The tokenizer's own prefix (``<s>`` for LLaMA; nothing for GPT-2-style) is emitted once, at the
   start, and never trained; suffixes it may add (an ``add_eos_token`` setting) are not used —
   the template's terminator (``</s>``) is the trained end of each answer.
-* Text at the very start of the prompt is encoded as is (Metaspace prepends its "▁" there, as in
-  whole-prompt tokenisation). Text right after a media placeholder is encoded *behind the
-  ``<image>`` special token*, whose id is then dropped, so the tokenizer treats it as text that
-  follows a special token: Metaspace with ``prepend_scheme="first"`` (non-legacy LLaMA) prepends
-  no "▁", with ``"always"`` (legacy LLaMA) it does — as in whole-prompt tokenisation.
+* Text that starts a string (the prompt's start; after a placeholder with ``split_at_media``) is
+  encoded as is (Metaspace prepends its "▁"). Text after a placeholder with ``whole_prompt`` is
+  encoded *behind the ``<image>`` special token*, whose id is then dropped, so the tokenizer
+  treats it as text that follows a special token: Metaspace with ``prepend_scheme="first"``
+  (non-legacy LLaMA) prepends no "▁", with ``"always"`` (legacy LLaMA) it does.
 * Text right after other text (the next segment) is encoded together with the piece before it,
   and its ids are the tail beyond that piece's own ids. This keeps e.g. legacy LLaMA from
   prepending a "▁" to ``"Human:"`` after ``"###"`` (v0), which it would do behind a special token.
@@ -58,17 +67,31 @@ from vidlora.data.templates import (
     get_template,
 )
 from vidlora.errors import VidloraError
+from vidlora.model.configuration import PROMPT_TOKENIZATIONS
 from vidlora.model.tokenizer import MediaTokenIds, media_token_ids
 
 IGNORE_INDEX = -100
 
 
 class TokenizationError(VidloraError, ValueError):
-    """A sample cannot be tokenised as asked (truncation would cut media, nothing left to train)."""
+    """A sample cannot be tokenised as asked (truncation would cut media, nothing left to train).
 
-    def __init__(self, reason: str, sample_id: str | None = None) -> None:
+    ``text_length`` / ``full_length`` are the sample's lengths before any cut, when a length
+    limit is what failed (for reports).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        sample_id: str | None = None,
+        *,
+        text_length: int | None = None,
+        full_length: int | None = None,
+    ) -> None:
         self.sample_id = sample_id
         self.reason = reason
+        self.text_length = text_length
+        self.full_length = full_length
         prefix = f"sample {sample_id!r}: " if sample_id is not None else ""
         super().__init__(prefix + reason)
 
@@ -104,12 +127,17 @@ class TokenizedSample:
         labels: same length; ``-100`` except on trained tokens.
         num_text_tokens: tokens that are not media tokens (BOS included).
         num_trained: tokens whose label is not ``-100``.
+        text_length: text tokens before any cut, each placeholder counted once (what
+            ``model_max_length`` bounds).
+        full_length: the expanded length before any cut (``len(input_ids)`` when nothing was cut).
     """
 
     input_ids: list[int]
     labels: list[int]
     num_text_tokens: int
     num_trained: int
+    text_length: int
+    full_length: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -136,6 +164,7 @@ def tokenize_sample(
     tokenizer_model_max_length: int | None = None,
     media_ids: MediaTokenIds | None = None,
     sample_id: str | None = None,
+    tokenization: str = "whole_prompt",
 ) -> TokenizedSample:
     """Tokenise a training conversation into ids and labels (see the module docstring).
 
@@ -149,6 +178,7 @@ def tokenize_sample(
         tokenizer_model_max_length: bound on the expanded sequence; longer sequences are cut.
         media_ids: the media token ids; read from the tokenizer when omitted.
         sample_id: id used in errors (defaults to the sample's id).
+        tokenization: ``split_at_media`` or ``whole_prompt`` (see the module docstring).
 
     Raises:
         TokenizationError: a cut would remove media tokens; nothing trained remains; the
@@ -172,9 +202,11 @@ def tokenize_sample(
 
     # Text-level sequence: each placeholder is one entry (its id), so model_max_length applies
     # exactly as in the original collator.
-    ids, labels = _encode_segments(segments, tokenizer, media_ids)
+    ids, labels = _encode_segments(segments, tokenizer, media_ids, tokenization)
 
     media = {media_ids.image: counts.image, media_ids.video: counts.video}
+    text_length = len(ids)
+    full_length = sum(media.get(i, 1) for i in ids)
     if model_max_length is not None and len(ids) > model_max_length:
         dropped = [i for i in ids[model_max_length:] if i in media]
         if dropped:
@@ -182,6 +214,8 @@ def tokenize_sample(
                 f"model_max_length={model_max_length} would cut {len(dropped)} media placeholder(s) "
                 f"from a text of {len(ids)} tokens (placeholders counted once)",
                 sample_id,
+                text_length=text_length,
+                full_length=full_length,
             )
         ids, labels = ids[:model_max_length], labels[:model_max_length]
 
@@ -195,6 +229,8 @@ def tokenize_sample(
                 f"tokenizer_model_max_length={limit} would cut {cut_media} media token(s) from an expanded "
                 f"sequence of {len(expanded_ids)} tokens (media runs are never cut)",
                 sample_id,
+                text_length=text_length,
+                full_length=full_length,
             )
         expanded_ids, expanded_labels = expanded_ids[:limit], expanded_labels[:limit]
 
@@ -204,15 +240,11 @@ def tokenize_sample(
             f"no trained tokens left (sequence of {len(expanded_ids)} tokens after truncation; "
             f"model_max_length={model_max_length}, tokenizer_model_max_length={tokenizer_model_max_length})",
             sample_id,
+            text_length=text_length,
+            full_length=full_length,
         )
     num_text = sum(1 for i in expanded_ids if i not in media)
-    return TokenizedSample(expanded_ids, expanded_labels, num_text, num_trained)
-
-
-def modality_length(tokenized: TokenizedSample, has_media: bool) -> int:
-    """Length for the modality-grouped sampler: expanded length, negated for text-only samples."""
-    n = len(tokenized.input_ids)
-    return n if has_media else -n
+    return TokenizedSample(expanded_ids, expanded_labels, num_text, num_trained, text_length, full_length)
 
 
 def tokenize_prompt(
@@ -223,12 +255,13 @@ def tokenize_prompt(
     *,
     media_ids: MediaTokenIds | None = None,
     add_generation_prompt: bool = True,
+    tokenization: str = "whole_prompt",
 ) -> list[int]:
     """Token ids of an inference prompt, built exactly like training's (same pieces, same expansion).
 
     Args:
         messages: the conversation so far, normally ending with a ``human`` turn.
-        tokenizer / template / counts / media_ids: as for :func:`tokenize_sample`.
+        tokenizer / template / counts / media_ids / tokenization: as for :func:`tokenize_sample`.
         add_generation_prompt: end with the assistant header so the model writes the answer.
 
     Returns:
@@ -245,15 +278,22 @@ def tokenize_prompt(
         segments = template.prompt_segments(messages, add_generation_prompt)
     except TemplateError as exc:
         raise TokenizationError(f"template {template.name!r}: {exc}") from exc
-    ids, labels = _encode_segments(segments, tokenizer, media_ids)
+    ids, labels = _encode_segments(segments, tokenizer, media_ids, tokenization)
     expanded, _ = _expand(ids, labels, {media_ids.image: counts.image, media_ids.video: counts.video})
     return expanded
 
 
 def _encode_segments(
-    segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, media_ids: MediaTokenIds
+    segments: Sequence[Segment],
+    tokenizer: PreTrainedTokenizerBase,
+    media_ids: MediaTokenIds,
+    tokenization: str,
 ) -> tuple[list[int], list[int]]:
     """Text-level ids and labels: special prefix, then each piece; a placeholder is one id."""
+    if tokenization not in PROMPT_TOKENIZATIONS:
+        raise ValueError(
+            f"tokenization must be one of {', '.join(PROMPT_TOKENIZATIONS)}, got {tokenization!r}"
+        )
     for tok_id in (media_ids.image, media_ids.video):
         added = tokenizer.added_tokens_decoder.get(tok_id)
         # A media token that strips neighbouring spaces would make piece-wise ids differ from
@@ -266,21 +306,24 @@ def _encode_segments(
     ids: list[int] = list(special_prefix(tokenizer))
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     # The text piece just before the current one (None at the start or after a placeholder),
-    # and whether that piece began the prompt.
+    # and whether that piece was encoded as the start of a string.
     context: tuple[str, bool] | None = None
-    at_start = True
+    # Whether text here starts a string of its own: at the prompt's start, and after every
+    # placeholder when the prompt is split at media.
+    fresh = True
     for text, trained in segments:
         for piece in _split_placeholders(text):
             if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
                 ids.append(media_ids.image if piece == IMAGE_PLACEHOLDER else media_ids.video)
                 labels.append(IGNORE_INDEX)
                 context = None
+                fresh = tokenization == "split_at_media"
             else:
-                piece_ids = _encode_piece(tokenizer, piece, at_start, context, media_ids.image)
+                piece_ids = _encode_piece(tokenizer, piece, fresh, context, media_ids.image)
                 ids.extend(piece_ids)
                 labels.extend(piece_ids if trained else [IGNORE_INDEX] * len(piece_ids))
-                context = (piece, at_start)
-            at_start = False
+                context = (piece, fresh)
+                fresh = False
     return ids, labels
 
 
@@ -315,16 +358,17 @@ def _split_placeholders(text: str) -> list[str]:
 def _encode_piece(
     tokenizer: PreTrainedTokenizerBase,
     text: str,
-    at_start: bool,
+    fresh: bool,
     context: tuple[str, bool] | None,
     anchor_id: int,
 ) -> list[int]:
     """Encode one text piece without special tokens, as it tokenises in its place in the prompt.
 
-    ``context`` is the text piece right before this one (and whether it began the prompt); when
+    ``context`` is the text piece right before this one (and whether it started a string); when
     present, the piece's ids are the tail of ``encode(context + text)`` beyond ``encode(context)``,
     provided the boundary is a token boundary there. Otherwise (after a placeholder, or when a
-    token would straddle the boundary) the piece is encoded on its own behind ``<image>``.
+    token would straddle the boundary) the piece is encoded on its own: as the start of a string
+    when ``fresh``, else behind ``<image>``.
     """
 
     def encode(s: str, first: bool) -> list[int]:
@@ -341,7 +385,7 @@ def _encode_piece(
         both = encode(prev + text, prev_first)
         if both[: len(base)] == base:
             return both[len(base) :]
-    return encode(text, at_start)
+    return encode(text, fresh)
 
 
 def _check_media_counts(sample: Sample, segments: Sequence[Segment], template: Template) -> None:

@@ -36,6 +36,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from vidlora.errors import VidloraError
+from vidlora.jsonl import JsonlAppender, JsonlError, read_jsonl
 
 SYSTEM_PROMPT = (
     "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
@@ -272,21 +274,23 @@ def _result_from_reply(reply: str, attempts: int, cached: bool) -> JudgeResult:
 
 
 def load_cache(path: Path) -> dict[str, str]:
-    """Cached raw replies by key; a missing file is an empty cache, a malformed line an error."""
+    """Cached raw replies by key; a missing file is an empty cache, a malformed line an error.
+
+    A torn last line (the run was killed while writing it) is skipped: the next run asks again and
+    its appender cuts the fragment first.
+    """
     replies: dict[str, str] = {}
     if not path.exists():
         return replies
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                replies[str(entry["key"])] = str(entry["reply"])
-            except (ValueError, KeyError, TypeError):
-                raise JudgeCacheError(
-                    f"{path}:{lineno}: malformed judge cache line (delete it to ask again)"
-                ) from None
+    try:
+        for lineno, entry in read_jsonl(path, allow_torn_tail=True):
+            if not isinstance(entry, dict) or "key" not in entry or "reply" not in entry:
+                raise JudgeCacheError(f"{path}:{lineno}: malformed judge cache line (delete it to ask again)")
+            replies[str(entry["key"])] = str(entry["reply"])
+    except JsonlError as err:
+        raise JudgeCacheError(
+            f"{path}:{err.line}: malformed judge cache line ({err.reason}; delete it to ask again)"
+        ) from None
     return replies
 
 
@@ -314,36 +318,29 @@ def judge_records(
         if key not in by_key and key not in todo:
             todo[key] = record
     if todo:
-        if config.cache_path:
-            config.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_file = config.cache_path.open("a", encoding="utf-8") if config.cache_path else None
-        try:
-            with ThreadPoolExecutor(max_workers=config.workers) as pool:
-                futures = {
-                    pool.submit(
-                        request_completion,
-                        config,
-                        build_messages(_question_of(r), str(r["answer"]), str(r["prediction"])),
-                    ): key
-                    for key, r in todo.items()
-                }
-                done = as_completed(futures)
-                for future in tqdm(done, total=len(futures), desc="judge", disable=not progress):
-                    key = futures[future]
-                    try:
-                        reply, attempts = future.result()
-                    except JudgeRequestError as err:
-                        by_key[key] = JudgeResult("error", error=str(err), attempts=err.attempts)
-                        continue
-                    by_key[key] = _result_from_reply(reply, attempts, cached=False)
-                    if cache_file is not None:
-                        cache_file.write(
-                            json.dumps({"key": key, "model": config.model, "reply": reply}) + "\n"
-                        )
-                        cache_file.flush()
-        finally:
-            if cache_file is not None:
-                cache_file.close()
+        cache: JsonlAppender | nullcontext[None] = (
+            JsonlAppender(config.cache_path) if config.cache_path else nullcontext()
+        )
+        with cache as cache_file, ThreadPoolExecutor(max_workers=config.workers) as pool:
+            futures = {
+                pool.submit(
+                    request_completion,
+                    config,
+                    build_messages(_question_of(r), str(r["answer"]), str(r["prediction"])),
+                ): key
+                for key, r in todo.items()
+            }
+            done = as_completed(futures)
+            for future in tqdm(done, total=len(futures), desc="judge", disable=not progress):
+                key = futures[future]
+                try:
+                    reply, attempts = future.result()
+                except JudgeRequestError as err:
+                    by_key[key] = JudgeResult("error", error=str(err), attempts=err.attempts)
+                    continue
+                by_key[key] = _result_from_reply(reply, attempts, cached=False)
+                if cache_file is not None:
+                    cache_file.write({"key": key, "model": config.model, "reply": reply})
     return [by_key[key] for key in keys]
 
 

@@ -7,7 +7,7 @@ Input is the JSONL written by `vidlora predict`, one object per assistant turn::
 
 Multi-turn samples add ``"turn": k`` (0-based index of the assistant turn in the sample's
 ``conversations``); ``(id, turn)`` must be unique. When the predictions lack the reference answer,
-question, type or modality, ``--data_path`` (the dataset's JSON/JSONL, DESIGN.md §2) supplies them
+question, type or modality, ``--data_path`` (the dataset's JSON/JSONL, read as training reads it) supplies them
 by joining on ``(id, turn)``. The join is strict in both directions: a prediction whose ``(id, turn)``
 is not in the data, or a data turn without a prediction, is an error. Where both sides carry an
 answer or a type they must agree, which catches predictions paired with the wrong sample (the
@@ -20,7 +20,6 @@ data, whose answers are single words from closed sets.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import string
 import sys
@@ -28,7 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vidlora.data.records import Sample, load_records
 from vidlora.errors import VidloraError
+from vidlora.jsonl import JsonlError, read_jsonl
 
 NONE_BUCKET = "(none)"
 """Group name for records without a ``type`` / ``modality`` field (shown, not dropped)."""
@@ -43,8 +44,6 @@ _ARTICLES = frozenset({"a", "an", "the"})
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _EOS_SUFFIX = re.compile(r"(?:\s*</s>)+\s*$")
 _MEDIA_PLACEHOLDER = re.compile(r"\s*<(?:video|image)>\s*")
-_ASSISTANT_ROLES = frozenset({"gpt", "assistant"})
-_HUMAN_ROLES = frozenset({"human", "user"})
 
 
 class EvalInputError(VidloraError, ValueError):
@@ -143,131 +142,91 @@ def _describe_key(key: tuple[str, int | None]) -> str:
 def load_predictions(path: str | Path) -> list[dict[str, Any]]:
     """Read a predictions JSONL file; blank lines are skipped, every other line must be an object.
 
-    Raises ``EvalInputError`` naming the file and line for malformed JSON, a non-object line, a
-    record without ``id`` or without a string ``prediction``, a bad ``turn``, or a duplicate
-    ``(id, turn)``.
+    Raises ``EvalInputError`` naming the file and line for malformed JSON (a line cut short by a
+    killed writer included), a non-object line, a record without ``id`` or without a string
+    ``prediction``, a bad ``turn``, or a duplicate ``(id, turn)``.
     """
     path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"{path}: no such predictions file")
     records: list[dict[str, Any]] = []
     seen: dict[tuple[str, int | None], int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalInputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise EvalInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if record.get("id") is None:
-                raise EvalInputError(f"{where}: record has no 'id'")
-            if not isinstance(record.get("prediction"), str):
-                raise EvalInputError(
-                    f"{where}: {_describe_key((str(record['id']), None))} has no string 'prediction'"
-                )
-            turn = record.get("turn")
-            if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int) or turn < 0):
-                raise EvalInputError(f"{where}: 'turn' must be a non-negative integer, got {turn!r}")
-            key = _record_key(record)
-            if key in seen:
-                raise EvalInputError(
-                    f"{where}: duplicate {_describe_key(key)} (first seen on line {seen[key]})"
-                )
-            seen[key] = lineno
-            record["_source"] = where
-            records.append(record)
-    return records
-
-
-def _read_samples(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        samples = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    samples.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise EvalInputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        return samples
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise EvalInputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, list):
-        raise EvalInputError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
-    return data
-
-
-def _modality_of(sample: Mapping[str, Any]) -> str:
-    if sample.get("modality") is not None:
-        return str(sample["modality"])
-    # Same names as `vidlora synth`, derived from which media the sample carries.
-    has_video, has_image = bool(sample.get("video")), bool(sample.get("image"))
-    if has_video and has_image:
-        return "video+image"
-    return "video" if has_video else "image" if has_image else "text"
+        lines = list(read_jsonl(path))
+    except JsonlError as err:
+        raise EvalInputError(str(err)) from None
+    for lineno, record in lines:
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise EvalInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if record.get("id") is None:
+            raise EvalInputError(f"{where}: record has no 'id'")
+        if not isinstance(record.get("prediction"), str):
+            raise EvalInputError(
+                f"{where}: {_describe_key((str(record['id']), None))} has no string 'prediction'"
+            )
+        turn = record.get("turn")
+        if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int) or turn < 0):
+            raise EvalInputError(f"{where}: 'turn' must be a non-negative integer, got {turn!r}")
+        key = _record_key(record)
+        if key in seen:
+            raise EvalInputError(f"{where}: duplicate {_describe_key(key)} (first seen on line {seen[key]})")
+        seen[key] = lineno
+        record["_source"] = where
+        records.append(record)
+    return records
 
 
 def load_references(paths: Sequence[str | Path]) -> dict[tuple[str, int], dict[str, Any]]:
     """Reference turns from dataset files, keyed by ``(id, turn)`` (turn = 0-based assistant turn).
 
-    Each entry holds ``answer``, ``question`` (media placeholders removed), ``type`` (from the
-    sample's ``types[turn]``, else its ``type``, else ``None``), ``modality`` (the sample's field,
-    else derived from its media) and ``num_turns``. Duplicate ids across the files are an error.
+    The files are read by training's own reader (:func:`vidlora.data.records.load_records`: JSON or
+    JSON Lines by content, a leading system turn, placeholders checked). Each entry holds
+    ``answer``, ``question`` (media placeholders removed), ``type`` (from the sample's
+    ``types[turn]``, else its ``type``, else ``None``), ``modality`` (the sample's field, else
+    derived from its media) and ``num_turns``. Duplicate ids across the files are an error.
     """
     refs: dict[tuple[str, int], dict[str, Any]] = {}
-    origin: dict[str, str] = {}
-    for raw_path in paths:
-        path = Path(raw_path)
-        for index, sample in enumerate(_read_samples(path)):
-            where = f"{path} sample {index}"
-            if not isinstance(sample, dict) or sample.get("id") is None:
-                raise EvalInputError(f"{where}: expected an object with an 'id'")
-            sample_id = str(sample["id"])
-            if sample_id in origin:
-                raise EvalInputError(f"{where}: duplicate id {sample_id!r} (also in {origin[sample_id]})")
-            origin[sample_id] = where
-            turns = _reference_turns(sample, where)
-            types = sample.get("types")
-            if types is not None and (not isinstance(types, list) or len(types) != len(turns)):
-                raise EvalInputError(
-                    f"{where} (id {sample_id!r}): 'types' must list one type per assistant turn "
-                    f"({len(turns)}), got {types!r}"
-                )
-            modality = _modality_of(sample)
-            for k, (question, answer) in enumerate(turns):
-                qtype = types[k] if types is not None else sample.get("type")
-                refs[(sample_id, k)] = {
-                    "answer": answer,
-                    "question": question,
-                    "type": qtype,
-                    "modality": modality,
-                    "num_turns": len(turns),
-                    "source": where,
-                }
+    for sample in load_records(list(paths), duplicate_ids="error"):
+        where = f"{sample.source} sample {sample.index}"
+        turns = _reference_turns(sample)
+        types = sample.raw.get("types")
+        if types is not None and (not isinstance(types, list) or len(types) != len(turns)):
+            raise EvalInputError(
+                f"{where} (id {sample.id!r}): 'types' must list one type per assistant turn "
+                f"({len(turns)}), got {types!r}"
+            )
+        modality = _modality_of(sample)
+        for k, (question, answer) in enumerate(turns):
+            refs[(sample.id, k)] = {
+                "answer": answer,
+                "question": question,
+                "type": types[k] if types is not None else sample.raw.get("type"),
+                "modality": modality,
+                "num_turns": len(turns),
+                "source": where,
+            }
     return refs
 
 
-def _reference_turns(sample: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
-    conversations = sample.get("conversations")
-    if not isinstance(conversations, list):
-        raise EvalInputError(f"{where} (id {sample['id']!r}): no 'conversations' list")
+def _modality_of(sample: Sample) -> str:
+    if sample.raw.get("modality") is not None:
+        return str(sample.raw["modality"])
+    # Same names as `vidlora synth`, derived from which media the sample carries.
+    if sample.video is not None:
+        return "video+image" if sample.images else "video"
+    return "image" if sample.images else "text"
+
+
+def _reference_turns(sample: Sample) -> list[tuple[str, str]]:
+    """(question, answer) per assistant turn; placeholders (and the spaces around them) dropped."""
     turns: list[tuple[str, str]] = []
     question = ""
-    for message in conversations:
-        role = message.get("from") if isinstance(message, dict) else None
-        value = message.get("value") if isinstance(message, dict) else None
-        if not isinstance(value, str) or role not in _ASSISTANT_ROLES | _HUMAN_ROLES:
-            raise EvalInputError(f"{where} (id {sample['id']!r}): malformed message {message!r}")
-        if role in _HUMAN_ROLES:
-            question = _MEDIA_PLACEHOLDER.sub(" ", value).strip()
-        else:
-            turns.append((question, value))
-    if not turns:
-        raise EvalInputError(f"{where} (id {sample['id']!r}): no assistant turn to score")
+    for turn in sample.conversations:
+        if turn.role == "human":
+            question = _MEDIA_PLACEHOLDER.sub(" ", turn.value).strip()
+        elif turn.role == "gpt":
+            turns.append((question, turn.value))
     return turns
 
 
@@ -367,32 +326,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `vidlora eval`; returns 0 on success, 2 on bad input."""
+    """Run `vidlora eval`; bad input raises (the CLI prints it, exit 2)."""
     from vidlora.eval import judge as judge_mod
     from vidlora.eval.report import build_report, format_table, write_report
 
     args = _build_parser().parse_args(argv)
-    try:
-        judge_config = judge_mod.config_from_args(args) if args.judge else None
-        records = load_predictions(args.predictions)
-        if not records:
-            raise EvalInputError(f"{args.predictions}: no predictions")
-        if args.data_path:
-            records = join_references(records, load_references(args.data_path))
-        _require_answers(records)
-    except (EvalInputError, judge_mod.JudgeConfigError, OSError) as err:
-        print(f"vidlora eval: error: {err}", file=sys.stderr)
-        return 2
+    judge_config = judge_mod.config_from_args(args) if args.judge else None
+    records = load_predictions(args.predictions)
+    if not records:
+        raise EvalInputError(f"{args.predictions}: no predictions")
+    if args.data_path:
+        records = join_references(records, load_references(args.data_path))
+    _require_answers(records)
 
     scores = score_predictions(records)
     judge_summary = None
     judge_results = None
     if judge_config is not None:
-        try:
-            judge_results = judge_mod.judge_records(records, judge_config)
-        except judge_mod.JudgeCacheError as err:
-            print(f"vidlora eval: error: {err}", file=sys.stderr)
-            return 2
+        judge_results = judge_mod.judge_records(records, judge_config)
         judge_summary = judge_mod.summarize_judgements(records, judge_results, judge_config)
     report = build_report(
         records,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vidlora.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Turn
+from vidlora.errors import NotFoundError, UsageError
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -27,17 +28,19 @@ def split_files(files: Iterable[str]) -> tuple[Path | None, list[Path]]:
     for name in files:
         path = Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"--file {name}: no such file")
+            raise NotFoundError(f"--file {name}: no such file")
         suffix = path.suffix.lower()
         if suffix in VIDEO_SUFFIXES:
             if video is not None:
-                raise ValueError(f"--file {name}: one video per chat (already have {video})")
+                raise UsageError(f"--file {name}: one video per chat (already have {video})")
             video = path
         elif suffix in IMAGE_SUFFIXES:
             images.append(path)
         else:
-            raise ValueError(f"--file {name}: unknown extension {suffix!r} (video: {sorted(VIDEO_SUFFIXES)}, "
-                             f"image: {sorted(IMAGE_SUFFIXES)})")
+            raise UsageError(
+                f"--file {name}: unknown extension {suffix!r} (video: {sorted(VIDEO_SUFFIXES)}, "
+                f"image: {sorted(IMAGE_SUFFIXES)})"
+            )
     return video, images
 
 
@@ -46,8 +49,17 @@ def first_message(text: str, video: Path | None, images: list[Path]) -> str:
     return "\n".join([*placeholders, text]) if placeholders else text
 
 
-def chat_loop(generator, video: Path | None, images: list[Path], read: Callable[[], str | None],
-              write: Callable[[str], None], *, max_new_tokens: int, temperature: float, streamer=None) -> list[Turn]:
+def chat_loop(
+    generator,
+    video: Path | None,
+    images: list[Path],
+    read: Callable[[], str | None],
+    write: Callable[[str], None],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    streamer=None,
+) -> list[Turn]:
     """Run a conversation; ``read`` returns the next user line (None/empty ends it)."""
     from vidlora.infer.generate import Request
 
@@ -74,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--file", action="append", default=[], help="a video or image (repeatable)")
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument(
+        "--cache_dir", default=None, help="hub cache for the base model (default: the recorded one)"
+    )
     return parser
 
 
@@ -85,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     video, images = split_files(args.file)
-    loaded = load_for_inference(args.model_path, args.model_base)
-    print(f"vidlora chat: {loaded.description}; template {loaded.settings.template}. Empty line to quit.",
-          file=sys.stderr)
+    loaded = load_for_inference(args.model_path, args.model_base, cache_dir=args.cache_dir)
+    print(
+        f"vidlora chat: {loaded.description}; template {loaded.processor.template}. Empty line to quit.",
+        file=sys.stderr,
+    )
     generator = Generator(loaded)
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -101,8 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    chat_loop(generator, video, images, read, write, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, streamer=streamer)
+    chat_loop(
+        generator,
+        video,
+        images,
+        read,
+        write,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        streamer=streamer,
+    )
     return 0
 
 

@@ -18,10 +18,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vidlora.data.collate import IGNORE_INDEX, MultimodalCollator
-from vidlora.data.dataset import ASPECT_MODES, load_image, load_video, pixel_spec_from_config
 from vidlora.data.records import Turn
 from vidlora.data.templates import Template, get_template
-from vidlora.data.tokenize import MediaTokenCounts, tokenize_prompt, tokenize_sample
 from vidlora.infer.load import InferenceModel
 
 
@@ -57,45 +55,38 @@ class Generator:
     def __init__(self, loaded: InferenceModel, *, decode_timeout: float = 60.0) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.settings = loaded.settings
-        self.template: Template = get_template(loaded.settings.template)
-        config = self._base_config()
-        self.counts = MediaTokenCounts(
-            image=config.image_seq_length if config.image_config is not None else 0,
-            video=config.video_seq_length if config.video_config is not None else 0,
-        )
-        self.spec = pixel_spec_from_config(config)
+        self.processor = loaded.processor
+        self.template: Template = get_template(loaded.processor.template)
         self.decode_timeout = decode_timeout
         pad = self.tokenizer.pad_token_id
         self.collate = MultimodalCollator(pad_token_id=pad, padding_side="left", keep_ids=True)
         self.train_collate = MultimodalCollator(pad_token_id=pad)
 
-    def _base_config(self):
-        model = self.model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return base.config
-
     def prepare(self, request: Request) -> dict:
         """Token ids and pixels of one request, through the training dataset's own media loaders."""
-        ids = tokenize_prompt(request.turns, self.tokenizer, self.template, self.counts)
+        ids = self.processor.prompt_ids(request.turns, self.tokenizer)
         return {"id": request.id, "input_ids": torch.tensor(ids, dtype=torch.long), **self._pixels(request)}
 
     def _pixels(self, request: Request) -> dict:
         """``pixel_values_videos`` / ``pixel_values_images`` of a request (keys absent without media)."""
         pixels: dict = {}
         if request.video is not None:
-            video = load_video(request.video, self.settings.num_frames, self.spec, self.decode_timeout)
+            video = self.processor.load_video(request.video, timeout_s=self.decode_timeout)
             pixels["pixel_values_videos"] = video.unsqueeze(0)
         if request.images:
-            aspect = ASPECT_MODES[self.settings.image_aspect_ratio]
-            pixels["pixel_values_images"] = torch.stack([load_image(p, self.spec, aspect) for p in request.images])
+            pixels["pixel_values_images"] = torch.stack(
+                [self.processor.load_image(p) for p in request.images]
+            )
         return pixels
 
     def _to_model(self, batch: dict) -> dict:
         """A collated batch on the model's device, pixels in its floating dtype."""
         device = next(self.model.parameters()).device
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        return {k: (v.to(device, dtype=dtype) if k.startswith("pixel_values") else v.to(device)) for k, v in batch.items()}
+        return {
+            k: (v.to(device, dtype=dtype) if k.startswith("pixel_values") else v.to(device))
+            for k, v in batch.items()
+        }
 
     @torch.no_grad()
     def generate(
@@ -125,7 +116,9 @@ class Generator:
             top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([StopOnString(self.tokenizer, self.template.stop_str, prompt_length)]),
+            stopping_criteria=StoppingCriteriaList(
+                [StopOnString(self.tokenizer, self.template.stop_str, prompt_length)]
+            ),
             streamer=streamer,
             use_cache=True,
         )
@@ -142,8 +135,8 @@ class Generator:
     def score_options(self, request: Request, options: Sequence[str]) -> list[float]:
         """Log-likelihood of each option as the answer to ``request``, one batch for all options.
 
-        Each option is appended as the assistant's turn and tokenized by training's own
-        `tokenize_sample`; its score is the summed log-probability of the labelled tokens (the
+        Each option is appended as the assistant's turn and tokenized by training's own processor
+        (no length limits); its score is the summed log-probability of the labelled tokens (the
         answer and the template's end of turn). Earlier answers in a multi-turn request are
         labelled too, which adds the same amount to every option and leaves the ranking alone.
         """
@@ -152,8 +145,8 @@ class Generator:
         media = self._pixels(request)
         items = []
         for option in options:
-            tokenized = tokenize_sample(
-                [*request.turns, Turn("gpt", option)], self.tokenizer, self.template, self.counts, sample_id=request.id
+            tokenized = self.processor.tokenize(
+                [*request.turns, Turn("gpt", option)], self.tokenizer, sample_id=request.id, truncate=False
             )
             items.append(
                 {

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vidlora.checkpoint import RECORD_FILE
+from vidlora.errors import UsageError
 from vidlora.infer.load import load_for_inference
 from vidlora.model import keymaps
-from vidlora.training.trainer import VIDLORA_CONFIG_FILE
 
 
 def hf_config_dict(config) -> dict:
@@ -45,7 +46,8 @@ def hf_config_dict(config) -> dict:
         video_seq_length=config.video_seq_length if config.video_config is not None else 2056,
         pad_token_id=config.pad_token_id,
     )
-    return hf.to_dict()
+    # Not a transformers field: how the model's prompts were tokenized in training, for vidlora.
+    return {**hf.to_dict(), "prompt_tokenization": config.prompt_tokenization}
 
 
 def save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
@@ -73,19 +75,26 @@ def save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def merge(model_path: str, model_base: str | None, out: str, *, layout: str | None = None,
-          max_shard_size_mb: int = 4096) -> Path:
+def merge(
+    model_path: str,
+    model_base: str | None,
+    out: str,
+    *,
+    layout: str | None = None,
+    max_shard_size_mb: int = 4096,
+    cache_dir: str | None = None,
+) -> Path:
     """Merge and save; returns the output directory."""
-    loaded = load_for_inference(model_path, model_base, merge=True)
+    loaded = load_for_inference(model_path, model_base, merge=True, cache_dir=cache_dir)
     model = loaded.model
     config = model.config
     temporal = config.video_config is not None and config.video_config.add_time_attn
     if layout is None:
         layout = "ours" if temporal else "hf"
     if layout not in ("ours", "hf"):
-        raise ValueError(f"--layout {layout}: use ours or hf")
+        raise UsageError(f"--layout {layout}: use ours or hf")
     if layout == "hf" and temporal:
-        raise ValueError("--layout hf cannot hold the video tower's temporal attention; use --layout ours")
+        raise UsageError("--layout hf cannot hold the video tower's temporal attention; use --layout ours")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     state = dict(model.state_dict())
@@ -94,13 +103,12 @@ def merge(model_path: str, model_base: str | None, out: str, *, layout: str | No
         (target / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
     else:
         tensors = state
-        config.run_all_towers = False
         config.save_pretrained(target)
     save_sharded(tensors, target, max_shard_size_mb * 1024 * 1024)
     loaded.tokenizer.save_pretrained(target)
-    source_config = Path(model_path) / VIDLORA_CONFIG_FILE
-    if source_config.is_file():
-        shutil.copyfile(source_config, target / VIDLORA_CONFIG_FILE)
+    source_record = Path(model_path) / RECORD_FILE
+    if source_record.is_file():
+        shutil.copyfile(source_record, target / RECORD_FILE)
     return target
 
 
@@ -109,16 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_path", required=True, help="a vidlora LoRA checkpoint directory")
     parser.add_argument("--model_base", default=None, help="its base model (default: the recorded one)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--layout", choices=("ours", "hf"), default=None,
-                        help="ours (default with temporal attention) or hf (VideoLlavaForConditionalGeneration)")
+    parser.add_argument(
+        "--layout",
+        choices=("ours", "hf"),
+        default=None,
+        help="ours (default with temporal attention) or hf (VideoLlavaForConditionalGeneration)",
+    )
     parser.add_argument("--max_shard_size_mb", type=int, default=4096)
+    parser.add_argument(
+        "--cache_dir", default=None, help="hub cache for the base model (default: the recorded one)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = merge(args.model_path, args.model_base, args.out, layout=args.layout,
-                 max_shard_size_mb=args.max_shard_size_mb)
+    path = merge(
+        args.model_path,
+        args.model_base,
+        args.out,
+        layout=args.layout,
+        max_shard_size_mb=args.max_shard_size_mb,
+        cache_dir=args.cache_dir,
+    )
     print(f"vidlora merge: wrote {path}", file=sys.stderr)
     return 0
 

@@ -8,7 +8,8 @@ paired with the wrong question, however the work was sharded.
 Sharding: run one process per GPU with `torchrun --nproc_per_node N -m vidlora.infer.predict …`
 (or pass --num_shards/--shard_index yourself). Shard k takes every N-th sample and writes
 ``OUT.shard-k-of-N``; when all shards are complete, shard 0 (or a later run) merges them into
-``OUT`` in dataset order. Rerunning skips the (id, turn) pairs already written.
+``OUT`` in dataset order. Rerunning skips the (id, turn) pairs already written; a line a kill cut
+short is cut off and written again (:mod:`vidlora.jsonl`), so every line stays valid.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from vidlora.data.records import Sample, Turn, load_records, resolve_media
+from vidlora.errors import UsageError
+from vidlora.jsonl import JsonlAppender, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -83,22 +87,13 @@ def sample_modality(sample: Sample) -> str:
 
 
 def read_done(path: Path) -> set[tuple[str, int]]:
-    """(id, turn) pairs already in a predictions file; a torn last line (a crash) is dropped."""
-    done: set[tuple[str, int]] = set()
+    """(id, turn) pairs already in a predictions file; a torn last line (a kill mid-write) is not done."""
     if not path.exists():
-        return done
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number}: not valid JSON ({err}); fix or remove the line") from err
-        done.add((str(record["id"]), int(record.get("turn", 0))))
-    return done
+        return set()
+    return {
+        (str(record["id"]), int(record.get("turn", 0)))
+        for _, record in read_jsonl(path, allow_torn_tail=True)
+    }
 
 
 def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
@@ -116,26 +111,31 @@ def shard_path(out: Path, index: int, count: int) -> Path:
 
 
 def merge_shards(out: Path, count: int, order: list[tuple[str, int]]) -> bool:
-    """Merge complete shard files into ``out`` in dataset order; False if a shard is incomplete."""
-    records: dict[tuple[str, int], str] = {}
+    """Merge complete shard files into ``out`` in dataset order; False if a shard is incomplete.
+
+    The merged file is written beside ``out`` and renamed over it, so a kill never leaves it half-written.
+    """
+    records: dict[tuple[str, int], Any] = {}
     for index in range(count):
         path = shard_path(out, index, count)
         if not path.exists():
             return False
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records[(str(record["id"]), int(record.get("turn", 0)))] = line
+        for _, record in read_jsonl(path, allow_torn_tail=True):
+            records[(str(record["id"]), int(record.get("turn", 0)))] = record
     if any(key not in records for key in order):
         return False
-    out.write_text("".join(records[key] + "\n" for key in order))
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text("".join(json.dumps(records[key], ensure_ascii=False) + "\n" for key in order))
+    partial.replace(out)
     return True
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidlora predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_path", required=True, help="checkpoint, merged model or base model")
-    parser.add_argument("--model_base", default=None, help="base model of a LoRA checkpoint (default: recorded)")
+    parser.add_argument(
+        "--model_base", default=None, help="base model of a LoRA checkpoint (default: recorded)"
+    )
     parser.add_argument("--data_path", required=True, nargs="+", help="Video-LLaVA JSON/JSONL file(s)")
     parser.add_argument("--video_folder", default=None)
     parser.add_argument("--image_folder", default=None)
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard_index", type=int, default=None, help="default: RANK or 0")
     parser.add_argument("--allow_media_outside_folder", action="store_true")
     parser.add_argument("--decode_timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--cache_dir", default=None, help="hub cache for the base model (default: the recorded one)"
+    )
     return parser
 
 
@@ -159,12 +162,12 @@ def predict(args: argparse.Namespace, *, loaded=None, progress: bool = True) -> 
     count = args.num_shards or env_count
     index = env_index if args.shard_index is None else args.shard_index
     if not 0 <= index < count:
-        raise ValueError(f"--shard_index {index} is outside 0..{count - 1}")
+        raise UsageError(f"--shard_index {index} is outside 0..{count - 1}")
     samples = load_records(args.data_path)
     all_jobs = [(position, job) for position, sample in enumerate(samples) for job in jobs_of(sample)]
     order = [job.key for _, job in all_jobs]
     if len(set(order)) != len(order):
-        raise ValueError("duplicate sample ids in --data_path: predictions could not be told apart")
+        raise UsageError("duplicate sample ids in --data_path: predictions could not be told apart")
     # Whole samples go to one shard, so a multi-turn sample's lines stay together.
     mine = [job for position, job in all_jobs if position % count == index]
     out = Path(args.out)
@@ -172,10 +175,12 @@ def predict(args: argparse.Namespace, *, loaded=None, progress: bool = True) -> 
     done = read_done(path)
     todo = [job for job in mine if job.key not in done]
     if todo:
-        loaded = loaded or load_for_inference(args.model_path, args.model_base)
+        loaded = loaded or load_for_inference(args.model_path, args.model_base, cache_dir=args.cache_dir)
         generator = Generator(loaded, decode_timeout=args.decode_timeout)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle, tqdm(total=len(todo), desc="predict", disable=not progress) as bar:
+        with (
+            JsonlAppender(path) as handle,
+            tqdm(total=len(todo), desc="predict", disable=not progress) as bar,
+        ):
             for batch in batches(todo, args.batch_size):
                 requests = []
                 for job in batch:
@@ -184,7 +189,9 @@ def predict(args: argparse.Namespace, *, loaded=None, progress: bool = True) -> 
                         allow_outside=args.allow_media_outside_folder,
                     )  # fmt: skip
                     requests.append(Request(job.sample.id, prompt_turns(job), video, list(images)))
-                answers = generator.generate(requests, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                answers = generator.generate(
+                    requests, max_new_tokens=args.max_new_tokens, temperature=args.temperature
+                )
                 for job, answer in zip(batch, answers, strict=True):
                     record = {
                         "id": job.sample.id,
@@ -195,8 +202,7 @@ def predict(args: argparse.Namespace, *, loaded=None, progress: bool = True) -> 
                         "type": sample_type(job.sample, job.turn),
                         "modality": sample_modality(job.sample),
                     }
-                    handle.write(json.dumps(record) + "\n")
-                handle.flush()
+                    handle.write(record)
                 bar.update(len(batch))
     if count > 1 and index == 0:
         merge_shards(out, count, order)

@@ -7,13 +7,18 @@ tokenizer step and the model must agree on are derived here, in one place.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from vidlora.errors import UsageError
+
 MODEL_TYPE = "vidlora_video_llava"
 VIDEO_TOWER_MODEL_TYPE = "vidlora_languagebind_video"
+#: How prompts are tokenized around media placeholders (see `vidlora.data.tokenize`).
+PROMPT_TOKENIZATIONS = ("split_at_media", "whole_prompt")
 
 
 class LanguageBindVideoConfig(CLIPVisionConfig):
@@ -59,8 +64,10 @@ class VideoLlavaConfig(PreTrainedConfig):
         image_token_id / video_token_id: ids of the `<image>` / `<video>` placeholder tokens.
         pad_token_id: padding id of the tokenizer.
         ignore_index: label value that the loss ignores.
-        run_all_towers: run every tower and the projector on every forward, adding exactly zero when a
-            modality is absent, so that every rank of a ZeRO-3 job gathers the same parameters.
+        prompt_tokenization: how this model's prompts were tokenized in training: ``split_at_media``
+            (the original's ``tokenizer_image_token``: each piece between placeholders on its own) or
+            ``whole_prompt`` (transformers' processor: the whole prompt at once). The checkpoint
+            layout decides it when loading.
     """
 
     model_type = MODEL_TYPE
@@ -79,13 +86,17 @@ class VideoLlavaConfig(PreTrainedConfig):
     video_token_id: int | None = None
     pad_token_id: int | None = None
     ignore_index: int = -100
-    run_all_towers: bool = False
+    prompt_tokenization: str = "split_at_media"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.video_config = _as_video_config(self.video_config)
         super().__post_init__(**kwargs)
         self._check_towers()
+        if self.prompt_tokenization not in PROMPT_TOKENIZATIONS:
+            raise ValueError(
+                f"prompt_tokenization must be one of {', '.join(PROMPT_TOKENIZATIONS)}, got {self.prompt_tokenization!r}"
+            )
         if self.ignore_index != -100:
             # transformers' causal-LM losses ignore -100 only; labels must use it.
             raise ValueError(
@@ -148,3 +159,45 @@ class VideoLlavaConfig(PreTrainedConfig):
 def _num_patches(config: CLIPVisionConfig) -> int:
     """Patches per frame of a square ViT input."""
     return (config.image_size // config.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class ConfigOverrides:
+    """Training-time choices that change the model built from a checkpoint.
+
+    The loader applies them to the config it builds (validated against the checkpoint), every
+    vidlora checkpoint records the values it trained with, and inference replays them, so a
+    model never runs with other settings than it was trained with. None keeps the checkpoint's.
+    """
+
+    mm_vision_select_layer: int | None = None
+    num_frames: int | None = None
+
+    def apply(self, config: VideoLlavaConfig, notes: list[str]) -> None:
+        """Set the overrides on a config under construction; notes say what changed."""
+        layer = self.mm_vision_select_layer
+        if layer is not None and layer != config.mm_vision_select_layer:
+            notes.append(f"mm_vision_select_layer {config.mm_vision_select_layer} -> {layer}")
+            config.mm_vision_select_layer = layer
+            try:
+                config._check_towers()
+            except ValueError as err:
+                raise UsageError(f"--mm_vision_select_layer {layer}: {err}") from None
+        frames = self.num_frames
+        if frames is None:
+            return
+        video = config.video_config
+        if video is None:
+            raise UsageError(f"--num_frames {frames}: the model has no video tower")
+        if frames < 1:
+            raise UsageError(f"--num_frames {frames}: must be at least 1")
+        if frames != video.num_frames:
+            if video.add_time_attn:
+                raise UsageError(
+                    f"--num_frames {frames}: this video tower's temporal embedding is trained for "
+                    f"{video.num_frames} frames; pass --num_frames {video.num_frames} (or leave it out)"
+                )
+            notes.append(
+                f"frames per video {video.num_frames} -> {frames} (the video tower has no temporal layers)"
+            )
+            video.num_frames = frames

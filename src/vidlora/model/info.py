@@ -76,7 +76,9 @@ def _numel(param: nn.Parameter) -> int:
     return param.numel()
 
 
-def count_parameters(model: nn.Module, lora_r: int | None = None, *, from_flags: bool = False) -> ParameterCounts:
+def count_parameters(
+    model: nn.Module, lora_r: int | None = None, *, from_flags: bool = False
+) -> ParameterCounts:
     """Count `model`'s parameters per part and split them as the recipe trains them.
 
     The recipe (`lora.apply_recipe`): towers frozen, projector trained, LLM under LoRA of rank
@@ -154,12 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vidlora info",
         description="Parameter counts per part of a Video-LLaVA model, trainable vs frozen under LoRA.",
     )
-    parser.add_argument("--model_name_or_path", default="tiny", help="preset (tiny, videollava-7b), directory or hub id")
+    parser.add_argument(
+        "--model_name_or_path", default="tiny", help="preset (tiny, videollava-7b), directory or hub id"
+    )
     parser.add_argument("--video_tower", default=None, help="LanguageBind video tower (for a plain LLM)")
     parser.add_argument("--image_tower", default=None, help="LanguageBind image tower (for a plain LLM)")
     # None = "not given": the training defaults are looked up only then (importing the training
     # arguments pulls in the Trainer stack, seconds that `info` should not pay when flags are given).
-    parser.add_argument("--lora_enable", type=_bool, default=None, help="True/False (default: vidlora train's)")
+    parser.add_argument(
+        "--lora_enable", type=_bool, default=None, help="True/False (default: vidlora train's)"
+    )
     parser.add_argument("--lora_r", type=int, default=None, help="LoRA rank (default: vidlora train's)")
     parser.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: vidlora train's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -190,8 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(payload, indent=2))
     else:
-        recipe = f"LoRA r={args.lora_r} alpha={args.lora_alpha}" if args.lora_enable else "no LoRA (LLM trained in full)"
-        print(format_counts(counts, title=f"{args.model_name_or_path}: towers frozen, projector trained, {recipe}"))
+        recipe = (
+            f"LoRA r={args.lora_r} alpha={args.lora_alpha}"
+            if args.lora_enable
+            else "no LoRA (LLM trained in full)"
+        )
+        print(
+            format_counts(
+                counts, title=f"{args.model_name_or_path}: towers frozen, projector trained, {recipe}"
+            )
+        )
     return 0
 
 

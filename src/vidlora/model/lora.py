@@ -1,11 +1,13 @@
-"""What trains: towers frozen, projector fully trained, LoRA on every linear layer of the LLM.
+"""What trains, and the one source of LoRA targets and PEFT's naming.
 
-The original Video-LLaVA (`find_all_linear_names`) puts LoRA on every ``nn.Linear`` except
-``lm_head`` and skips anything whose name contains ``mm_projector`` or a tower. A plain list of leaf
-names (``q_proj``, ``k_proj`` ...) is not enough here: PEFT matches a list entry against the *end* of a
-module path, and CLIP's attention in both towers uses ``q_proj``/``k_proj``/``v_proj`` too. So the
-target is a regex that PEFT matches against the *whole* path and that is anchored at
-``language_model.``.
+Towers frozen, projector fully trained, LoRA on every linear layer of the LLM. The original
+Video-LLaVA (`find_all_linear_names`) puts LoRA on every ``nn.Linear`` except ``lm_head`` and skips
+anything whose name contains ``mm_projector`` or a tower. A plain list of leaf names (``q_proj``,
+``k_proj`` ...) is not enough here: PEFT matches a list entry against the *end* of a module path, and
+CLIP's attention in both towers uses ``q_proj``/``k_proj``/``v_proj`` too. So the target is a regex
+that PEFT matches against the *whole* path, anchored at ``language_model.`` and built from the
+model itself (:func:`lora_target_modules`): training, QLoRA (which quantizes exactly these
+modules) and the original's legacy adapters all target the same modules, for any LLM.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ if TYPE_CHECKING:  # peft (and bitsandbytes under it) takes seconds to import; `
     from peft import LoraConfig, PeftModel
 
 LLM_PREFIX = "language_model."
+#: PEFT's prefix of the wrapped model's parameter names, and the marker of its adapter weights.
+PEFT_PREFIX = "base_model.model."
+LORA_MARKER = "lora_"
 # The output head stays a plain linear layer in the original (and in PEFT's own defaults).
 _EXCLUDED_LEAVES = frozenset({"lm_head"})
 
@@ -27,7 +32,7 @@ def lora_target_module_names(model: nn.Module) -> list[str]:
     """Full paths of the modules that get LoRA: every `nn.Linear` under `language_model` but `lm_head`."""
     names = []
     for name, module in model.named_modules():
-        if ".lora_" in name:
+        if f".{LORA_MARKER}" in name:
             raise ValueError(f"the model already has LoRA layers ({name}); pass the base model")
         if not name.startswith(LLM_PREFIX) or not isinstance(module, nn.Linear):
             continue
@@ -62,33 +67,36 @@ def lora_target_modules(model: nn.Module) -> str:
 
 
 def build_lora_config(
-    r: int,
-    alpha: int,
-    dropout: float = 0.05,
-    bias: str = "none",
-    target_modules: str | list[str] | None = None,
+    model: nn.Module, r: int, alpha: int, dropout: float = 0.05, bias: str = "none"
 ) -> LoraConfig:
-    """The original recipe's LoRA config (task CAUSAL_LM).
-
-    `target_modules` defaults to the regex for LLaMA-style LLMs (the seven projections of every
-    decoder layer); pass `lora_target_modules(model)` for another architecture.
-    """
+    """The original recipe's LoRA config (task CAUSAL_LM) on ``model``'s LLM (:func:`lora_target_modules`)."""
     from peft import LoraConfig
 
     if r <= 0:
         raise ValueError(f"lora_r must be positive, got {r}")
-    if target_modules is None:
-        target_modules = (
-            r"^language_model\.(?:.*\.)?(?:down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)$"
-        )
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         bias=bias,
-        target_modules=target_modules,
+        target_modules=lora_target_modules(model),
         task_type="CAUSAL_LM",
     )
+
+
+def strip_peft_prefix(name: str) -> str:
+    """``base_model.model.mm_projector.0.weight`` -> ``mm_projector.0.weight``."""
+    return name.removeprefix(PEFT_PREFIX)
+
+
+def is_lora_name(name: str) -> bool:
+    """Whether a parameter name is one of PEFT's adapter weights."""
+    return LORA_MARKER in name
+
+
+def peft_adapter_key(module: str, matrix: str) -> str:
+    """The key PEFT saves an adapter matrix under: ``base_model.model.<module>.lora_<A|B>.weight``."""
+    return f"{PEFT_PREFIX}{module}.{LORA_MARKER}{matrix}.weight"
 
 
 def apply_recipe(model: nn.Module, lora_config: LoraConfig | None, *, train_llm: bool = True) -> nn.Module:

@@ -223,12 +223,14 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
     def _dummy_features(self, modality: str) -> torch.Tensor:
         """Exactly zero that depends on every parameter of one tower and the projector.
 
-        For `config.run_all_towers`: a rank whose batch lacks this modality still runs the tower
+        For ``run_all_towers``: a rank whose batch lacks this modality still runs the tower
         (and, under ZeRO-3, gathers its parameters) at the same point as the ranks that have it.
         """
         if modality == "image":
             size = self.config.image_config.image_size
-            dummy = torch.zeros(1, 3, size, size, device=self.image_tower.device, dtype=self.image_tower.dtype)
+            dummy = torch.zeros(
+                1, 3, size, size, device=self.image_tower.device, dtype=self.image_tower.dtype
+            )
             return self.get_image_features(dummy).float().sum() * 0.0
         vc = self.config.video_config
         dummy = torch.zeros(
@@ -237,18 +239,34 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
         )  # fmt: skip
         return self.get_video_features(dummy).float().sum() * 0.0
 
-    def _add_media(self, input_ids, inputs_embeds, pixel_values_images, pixel_values_videos) -> torch.Tensor:
-        """Scatter image then video features; with `run_all_towers`, run an absent modality's tower on
+    def _add_media(
+        self, input_ids, inputs_embeds, pixel_values_images, pixel_values_videos, run_all_towers: bool
+    ) -> torch.Tensor:
+        """Scatter image then video features; with ``run_all_towers``, run an absent modality's tower on
         a dummy input *in the same place*, so every rank calls the towers in the same order."""
         modalities = (
-            ("image", self.image_tower, self.config.image_token_id, pixel_values_images, self.get_image_features),
-            ("video", self.video_tower, self.config.video_token_id, pixel_values_videos, self.get_video_features),
+            (
+                "image",
+                self.image_tower,
+                self.config.image_token_id,
+                pixel_values_images,
+                self.get_image_features,
+            ),
+            (
+                "video",
+                self.video_tower,
+                self.config.video_token_id,
+                pixel_values_videos,
+                self.get_video_features,
+            ),
         )
         for modality, tower, token_id, pixels, features_fn in modalities:
             inputs_embeds = self._scatter(modality, input_ids, inputs_embeds, token_id, pixels, features_fn)
-            if self.config.run_all_towers and pixels is None and tower is not None:
+            if run_all_towers and pixels is None and tower is not None:
                 zero = self._dummy_features(modality)
-                inputs_embeds = inputs_embeds + zero.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds + zero.to(
+                    device=inputs_embeds.device, dtype=inputs_embeds.dtype
+                )
         return inputs_embeds
 
     # ---- forward --------------------------------------------------------------------------------
@@ -266,6 +284,7 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
+        run_all_towers: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Embed `input_ids`, scatter image/video features into their placeholders, run the LLM.
@@ -279,6 +298,9 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
             labels: `[B, L]`, -100 where no loss is taken; shifted inside the LLM's loss.
             pixel_values_images: `[Bi, 3, H, W]`, images of all rows stacked in row then text order.
             pixel_values_videos: `[Bv, T, 3, H, W]`, videos stacked likewise.
+            run_all_towers: run every tower and the projector, adding exactly zero for a modality the
+                batch lacks, so every rank of a ZeRO-3 job gathers the same parameters in the same
+                order (a training-time switch: the Trainer passes it, inference leaves it off).
             use_cache / logits_to_keep / **kwargs: passed to the LLM (e.g. `num_items_in_batch`).
 
         Returns:
@@ -301,7 +323,9 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
             # id; it is then an ordinary token, not a slot for features.
             decoding = cache is not None and cache.get_seq_length() > 0 and not (has_images or has_videos)
             if not decoding:
-                inputs_embeds = self._add_media(input_ids, inputs_embeds, pixel_values_images, pixel_values_videos)
+                inputs_embeds = self._add_media(
+                    input_ids, inputs_embeds, pixel_values_images, pixel_values_videos, run_all_towers
+                )
         elif has_images or has_videos:
             raise ValueError(
                 "media pixels need input_ids (their placeholder positions are read from the ids)"

@@ -95,7 +95,11 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             ),
             image=_TINY_TOWER,
             video=MappingProxyType({**_TINY_TOWER, "num_frames": 8, "add_time_attn": True}),
-            model=_frozen(mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2),
+            # The tiny tokenizer is vidlora's own (no original stack to match); the whole-prompt
+            # convention is what its pinned golden losses and the demo were measured with.
+            model=_frozen(
+                mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, prompt_tokenization="whole_prompt"
+            ),
             tiny_tokenizer=True,
         ),
         "videollava-7b": Preset(
@@ -120,6 +124,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             model=_frozen(
                 mm_projector_type="mlp2x_gelu",
                 mm_vision_select_layer=-2,
+                prompt_tokenization="split_at_media",
                 image_token_id=32000,
                 video_token_id=32001,
                 pad_token_id=32002,
@@ -197,7 +202,12 @@ def build_config(
 
 
 def build_preset(
-    name: str, *, seed: int = 0, device: str | torch.device = "cpu", **overrides: Any
+    name: str,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    config: VideoLlavaConfig | None = None,
+    **overrides: Any,
 ) -> tuple[VideoLlavaForCausalLM, PreTrainedTokenizerBase | None]:
     """Build preset `name` with random weights from `seed`, in eval mode.
 
@@ -207,6 +217,7 @@ def build_preset(
         device: "meta" builds shapes only (no memory, no initialisation, takes well under a second
             even for 7B); any other device gets float32 weights initialised on the CPU and moved
             there, so a seed gives the same weights on every device.
+        config: the preset's config, already built (and adjusted) by the caller; else `build_config`.
         **overrides: passed to `build_config`.
 
     Returns:
@@ -216,7 +227,8 @@ def build_preset(
     target = torch.device(device)
     preset = get_preset(name)
     tokenizer = _build_tiny_tokenizer() if preset.tiny_tokenizer else None
-    config = build_config(name, tokenizer=tokenizer, **overrides)
+    if config is None:
+        config = build_config(name, tokenizer=tokenizer, **overrides)
     build_on = target if target.type == "meta" else torch.device("cpu")
     with torch.random.fork_rng(devices=[]), build_on:
         torch.manual_seed(seed)

@@ -15,15 +15,24 @@ preset needs tokenizers that are built locally, deterministically and in millise
 Both are trained with the ``tokenizers`` library on an embedded corpus (:data:`TINY_CORPUS`) and
 then get the media tokens via :func:`add_media_tokens`. They save and load with
 ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` without network access.
+
+:func:`load_tokenizer` reads a checkpoint's tokenizer the way the original stack did: a LLaMA
+SentencePiece tokenizer whose ``tokenizer_config.json`` has no ``legacy`` key gets transformers
+4.31's default (``legacy=True``: every piece of text after a special token starts a new word);
+transformers 5 would silently take ``legacy=False`` and change the ids the model sees.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from vidlora.errors import NotFoundError
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -34,6 +43,11 @@ EOS_TOKEN = "</s>"
 
 #: The three base special tokens, in id order (0, 1, 2), as in LLaMA.
 BASE_SPECIAL_TOKENS: tuple[str, str, str] = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)
+
+#: Tokenizer classes with transformers' ``legacy`` switch (LLaMA's SentencePiece family).
+LEGACY_TOKENIZER_CLASSES = frozenset(
+    {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast"}
+)
 
 #: Default total vocabulary (before media tokens) of the tiny tokenizers.
 TINY_VOCAB_SIZE = 1000
@@ -240,3 +254,49 @@ def media_token_ids(tokenizer: PreTrainedTokenizerBase) -> MediaTokenIds:
             "call vidlora.model.tokenizer.add_media_tokens(tokenizer) first"
         )
     return MediaTokenIds(image=vocab[IMAGE_TOKEN], video=vocab[VIDEO_TOKEN], pad=int(tokenizer.pad_token_id))
+
+
+def load_tokenizer(
+    directory: str | Path, *, text_config: PreTrainedConfig | None = None, notes: list[str] | None = None
+) -> PreTrainedTokenizerBase:
+    """A checkpoint directory's tokenizer, read as the original stack read it, with the media tokens.
+
+    A LLaMA SentencePiece tokenizer (``tokenizer.model`` and ``tokenizer_config.json``, with or
+    without ``tokenizer.json``) whose config has no ``legacy`` key is loaded with ``legacy=True``,
+    transformers 4.31's default; an explicit value is respected. The value is kept in the
+    tokenizer's saved config (transformers 5 leaves it out, and would reload the other way).
+
+    Args:
+        directory: the checkpoint (or tokenizer) directory.
+        text_config: the LLM's config; tells AutoTokenizer the family when tokenizer_config.json does not.
+        notes: decisions are appended here (the legacy default, the tokens added).
+
+    Raises:
+        NotFoundError: no tokenizer can be read from the directory.
+    """
+    directory = Path(directory)
+    notes = [] if notes is None else notes
+    kwargs: dict[str, Any] = {}
+    settings_file = directory / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    family = settings.get("tokenizer_class") or (
+        "LlamaTokenizer" if getattr(text_config, "model_type", None) == "llama" else None
+    )
+    if family in LEGACY_TOKENIZER_CLASSES and "legacy" not in settings:
+        kwargs["legacy"] = True
+        notes.append(
+            "tokenizer: tokenizer_config.json has no 'legacy' key; loaded with legacy=True, the default of "
+            "transformers 4.31 (the original's stack), so the ids are the ones the model was trained on"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), config=text_config, **kwargs)
+    except (OSError, ValueError) as err:
+        raise NotFoundError(f"{directory}: no usable tokenizer ({type(err).__name__}: {err})") from err
+    if hasattr(tokenizer, "legacy"):
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
+    before, had = len(tokenizer), set(tokenizer.get_vocab())
+    add_media_tokens(tokenizer)
+    added = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, PAD_TOKEN) if t not in had]
+    if added:
+        notes.append(f"tokenizer: added special tokens {', '.join(added)} ({before} -> {len(tokenizer)})")
+    return tokenizer

@@ -140,7 +140,9 @@ class NonFiniteStop(TrainerCallback):
         flag = torch.tensor([0.0 if self._pending is None else 1.0], device=args.device)
         if _all_reduce(flag, "max").item() > 0 and self.event is None:
             # Another rank saw it: stop here too, and name the step all ranks agree on.
-            self.event = self._pending or NonFiniteEvent(step, "the loss or gradient on another process", math.nan)
+            self.event = self._pending or NonFiniteEvent(
+                step, "the loss or gradient on another process", math.nan
+            )
             logger.error(self.event.message(self.last_checkpoint_step))
         self._pending = None
         self._enforce(control)
@@ -170,16 +172,24 @@ class NonFiniteStop(TrainerCallback):
             control.should_save = False
             control.should_evaluate = False
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._enforce(control)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._enforce(control)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._enforce(control)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.last_checkpoint_step = state.global_step
 
 
@@ -243,12 +253,16 @@ class TokenCountLogger(TrainerCallback):
         self._current += count
         self._micro_index += 1
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self._micro_index == 0:
             return  # nothing observed: the Trainer does not call observe_micro_batch
         self.step_tokens[state.global_step] = self._current
         if self._current == 0:
-            logger.warning("step %d: no trained tokens in the whole optimizer step on this process", state.global_step)
+            logger.warning(
+                "step %d: no trained tokens in the whole optimizer step on this process", state.global_step
+            )
         self._since_log += self._current
         self._current = 0
         self._micro_index = 0
@@ -288,8 +302,12 @@ class LossCurveWriter(TrainerCallback):
         if path is not None:
             self.written = path
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._write(args, state)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._write(args, state)

@@ -29,7 +29,9 @@ def loss_series(log_history: Iterable[Mapping[str, Any]], key: str) -> tuple[lis
     return steps, values
 
 
-def plot_loss_curve(log_history: Iterable[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path | None:
+def plot_loss_curve(
+    log_history: Iterable[Mapping[str, Any]], path: str | Path, title: str | None = None
+) -> Path | None:
     """Write a PNG with the train loss ("loss") and eval loss ("eval_loss") against the step.
 
     Returns the written path, or None when the history holds no loss yet (nothing is written).

@@ -1,4 +1,5 @@
-"""The Trainer subclass, kept thin: the modality sampler, optimizer groups, and self-contained saves.
+"""The Trainer subclass, kept thin: the modality sampler, optimizer groups, training-time forward
+switches, and self-contained saves (the format is :mod:`vidlora.checkpoint`'s).
 
 Everything else — precision, gradient checkpointing, schedules, logging, evaluation and save
 strategies, `save_total_limit`, DeepSpeed and resume — is the Trainer's own machinery.
@@ -6,49 +7,32 @@ strategies, `save_total_limit`, DeepSpeed and resume — is the Trainer's own ma
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from vidlora.checkpoint import NON_LORA_FILE, RunRecord, load_trainables, write_record, write_trainables
 from vidlora.data.sampler import ModalityLengthGroupedSampler
+from vidlora.errors import NotFoundError
 from vidlora.training.callbacks import observe_micro_batch
 
-NON_LORA_FILE = "non_lora_trainables.safetensors"
-VIDLORA_CONFIG_FILE = "vidlora_config.json"
-PEFT_PREFIX = "base_model.model."
 PROJECTOR_NAME = "mm_projector"
 
 
-def strip_peft_prefix(name: str) -> str:
-    """`base_model.model.mm_projector.0.weight` -> `mm_projector.0.weight`."""
-    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
-
-
-def is_lora_name(name: str) -> bool:
-    return "lora_" in name
-
-
-def non_lora_trainable_names(model: torch.nn.Module) -> list[str]:
-    """Trainable parameters that are not LoRA adapters (the projector, in the default recipe)."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and not is_lora_name(n)]
-
-
 class VidloraTrainer(Trainer):
-    """Trainer with the three things Video-LLaVA fine-tuning needs beyond the stock one.
+    """Trainer with what Video-LLaVA fine-tuning needs beyond the stock one.
 
-    ``data_config`` (template, frames, aspect ratio, lengths, base model, …) is written into every
-    checkpoint next to the adapter, the non-LoRA trainables and the tokenizer, so a
-    ``checkpoint-N`` directory can be used without the training run.
+    ``record`` (the base model, the processor, the arguments) is written into every checkpoint
+    next to the adapter, the non-LoRA trainables and the tokenizer, so a ``checkpoint-N``
+    directory can be used without the training run.
     """
 
-    def __init__(self, *args: Any, data_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, record: RunRecord, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.data_config = dict(data_config or {})
+        self.record = record
 
     # -- sampling ---------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -62,6 +46,16 @@ class VidloraTrainer(Trainer):
             grad_accum=self.args.gradient_accumulation_steps,
             seed=self.args.seed,
         )
+
+    # -- the forward ------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Every training and evaluation forward runs both towers and the projector (on a dummy input
+        adding exactly zero for a modality the batch lacks), as the original does for text-only
+        samples: the projector gets a (zero) gradient in text-only steps on one process exactly as
+        under DeepSpeed, and the ranks of a multi-process job run the same modules every step
+        (ZeRO-3 gathers parameters collectively). No KV cache is built while training."""
+        inputs = {**inputs, "run_all_towers": True, "use_cache": False}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # -- per micro-batch observation --------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -88,8 +82,13 @@ class VidloraTrainer(Trainer):
         param_groups = []
         # The rest before the projector: the Trainer logs the first group's learning rate, which
         # must be --learning_rate, not --mm_projector_lr (as in the original's group order).
-        for (decays, is_projector), params in sorted(groups.items(), key=lambda item: (item[0][1], not item[0][0])):
-            group: dict[str, Any] = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+        for (decays, is_projector), params in sorted(
+            groups.items(), key=lambda item: (item[0][1], not item[0][0])
+        ):
+            group: dict[str, Any] = {
+                "params": params,
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+            }
             if is_projector:
                 group["lr"] = projector_lr
             param_groups.append(group)
@@ -135,7 +134,8 @@ class VidloraTrainer(Trainer):
             super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:
             return
-        write_checkpoint_extras(model, Path(output_dir), self.data_config, state_dict)
+        write_trainables(model, Path(output_dir), state_dict)
+        write_record(Path(output_dir), self.record)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The Trainer restores the adapter; the projector comes from our own file."""
@@ -143,10 +143,10 @@ class VidloraTrainer(Trainer):
         projector_file = Path(resume_from_checkpoint) / NON_LORA_FILE
         if trains_projector_only(self.accelerator.unwrap_model(target, keep_torch_compile=False)):
             if not projector_file.is_file():
-                raise FileNotFoundError(f"cannot resume projector pre-training: {projector_file} is missing")
+                raise NotFoundError(f"cannot resume projector pre-training: {projector_file} is missing")
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_non_lora_trainables(target, projector_file)
+        load_trainables(target, projector_file)
 
 
 def trains_projector_only(model: torch.nn.Module) -> bool:
@@ -155,46 +155,3 @@ def trains_projector_only(model: torch.nn.Module) -> bool:
         return False
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     return bool(trainable) and all(name.startswith(f"{PROJECTOR_NAME}.") for name in trainable)
-
-
-def write_checkpoint_extras(
-    model: torch.nn.Module, output_dir: Path, data_config: dict[str, Any], state_dict: dict | None = None
-) -> None:
-    """Next to a PEFT adapter: the non-LoRA trainables (safetensors), the model config and the
-    data config, so the directory can be used without the training run.
-
-    ``state_dict`` is the Trainer's gathered one under ZeRO-3 (trainable parameters only);
-    without it the parameters are read from ``model`` directly.
-    """
-    names = non_lora_trainable_names(model)
-    if state_dict is None:
-        params = dict(model.named_parameters())
-        tensors = {n: params[n] for n in names}
-    else:
-        missing = [n for n in names if n not in state_dict]
-        if missing:
-            raise RuntimeError(f"the gathered state dict lacks trainable parameters: {missing[:5]}")
-        tensors = {n: state_dict[n] for n in names}
-    if tensors:
-        cpu = {strip_peft_prefix(n): t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
-        save_file(cpu, str(output_dir / NON_LORA_FILE), metadata={"format": "pt"})
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.config.save_pretrained(output_dir)
-    with open(output_dir / VIDLORA_CONFIG_FILE, "w") as handle:
-        json.dump(data_config, handle, indent=2, sort_keys=True)
-
-
-def load_non_lora_trainables(model: torch.nn.Module, path: Path) -> None:
-    """Copy saved non-LoRA trainables into ``model`` (PEFT-wrapped or not); strict on names."""
-    if not path.exists():
-        return
-    saved = load_file(str(path))
-    params = {strip_peft_prefix(n): p for n, p in model.named_parameters()}
-    unknown = [k for k in saved if k not in params]
-    if unknown:
-        raise KeyError(f"{path} holds tensors the model does not have: {unknown[:5]}")
-    with torch.no_grad():
-        for key, tensor in saved.items():
-            if params[key].shape != tensor.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, model expects {tuple(params[key].shape)}")
-            params[key].copy_(tensor.to(params[key].dtype))

@@ -1,0 +1,60 @@
+"""`vidlora check`: read every sample the way `vidlora train` would, and report every problem at once.
+
+It parses training's own model and data flags (`--X`, `--image_aspect_ratio`, the length limits,
+`--num_frames`, the folders …), builds the same processor training builds from them — or reads
+it back from a vidlora checkpoint given as `--model_name_or_path` — and runs training's own
+validation on each sample before decoding its media (:mod:`vidlora.data.check`). No weights are
+read. Exit status: 0 when every sample is usable, 1 when any is not, 2 when the check itself
+cannot run (bad flags, a model that cannot be read).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from vidlora.args import load_options, parse_check_args, processor_options
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `vidlora check`; returns 0 (all usable) or 1 (bad samples); user errors raise."""
+    model_args, data_args, options = parse_check_args(argv)
+    from vidlora.checkpoint import is_adapter_dir, read_record
+    from vidlora.data.check import format_report, run_check
+    from vidlora.data.dataset import folders_of
+    from vidlora.data.processor import Processor
+    from vidlora.infer.load import load_base
+    from vidlora.model.loading import load_pretrained
+
+    path = Path(model_args.model_name_or_path)
+    if path.is_dir() and (is_adapter_dir(path) or read_record(path) is not None):
+        # A vidlora checkpoint: the data is read with the processor it was trained with.
+        base = load_base(str(path), device="meta", cache_dir=model_args.cache_dir)
+        tokenizer, processor = base.tokenizer, base.processor
+        print(f"vidlora check: processor settings of {path}", file=sys.stderr)
+    else:
+        loaded = load_pretrained(model_args.model_name_or_path, device="meta", **load_options(model_args))
+        tokenizer = loaded.tokenizer
+        processor = Processor.for_model(loaded.model.config, **processor_options(model_args, data_args))
+    report = run_check(
+        data_args.data_path,
+        processor,
+        tokenizer,
+        folders_of(data_args),
+        decode_timeout=data_args.decode_timeout,
+        workers=options.workers,
+        progress=not options.no_progress,
+    )
+    report["settings"]["model_name_or_path"] = model_args.model_name_or_path
+    print(format_report(report))
+    if options.report:
+        Path(options.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"report written to {options.report}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    from vidlora.cli import run_command
+
+    raise SystemExit(run_command("check", main, sys.argv[1:]))

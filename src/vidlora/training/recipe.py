@@ -1,0 +1,200 @@
+"""The training recipe: the original's LoRA fine-tuning, step by step, on today's stack.
+
+1. load the model in any supported layout, with the run's overrides (feature layer, frames)
+   validated by the loader, and build the run's :class:`~vidlora.data.processor.Processor` once;
+2. build the datasets through the processor (every record validated and tokenized up front,
+   before any heavier work; media decoded lazily);
+3. declare what trains (towers frozen, projector fully trained, LoRA on the LLM; QLoRA quantizes
+   the LLM first) and print the trainable-parameter report;
+4. train with the Trainer; every checkpoint records the base, the processor and the arguments
+   (:mod:`vidlora.checkpoint`), so it is usable on its own and resumable.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from vidlora.args import (
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    load_options,
+    processor_options,
+    wants_evaluation,
+)
+from vidlora.checkpoint import BaseModel, RunRecord
+from vidlora.data.dataset import SupervisedDataset, train_eval_split
+from vidlora.data.processor import Processor
+from vidlora.model.loading import LoadedModel
+
+
+def load_dtype(train_args: TrainingArguments) -> torch.dtype:
+    """Weights in the training precision, as the original casts the model before adding LoRA."""
+    if train_args.bf16:
+        return torch.bfloat16
+    if train_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_model(model_args: ModelArguments, train_args: TrainingArguments) -> LoadedModel:
+    """The base model and tokenizer, built with the run's overrides (the loader validates them)."""
+    from vidlora.model.loading import load_pretrained
+
+    loaded = load_pretrained(
+        model_args.model_name_or_path, torch_dtype=load_dtype(train_args), **load_options(model_args)
+    )
+    if train_args.should_log:
+        print(loaded.report.format(), file=sys.stderr)
+    return loaded
+
+
+def set_trainable_dtype(model: torch.nn.Module, dtype: torch.dtype, *, deepspeed: bool) -> None:
+    """Precision of what trains.
+
+    DeepSpeed keeps its own fp32 master copies and wants one dtype for all trainable parameters
+    (PEFT makes adapters fp32 even on a bf16 model), so everything trainable takes the training
+    dtype. Without DeepSpeed the optimizer updates the parameters themselves, so trainables stay
+    in fp32 (the Trainer's autocast runs the bf16/fp16 compute) and small updates are not lost.
+    """
+    target = dtype if deepspeed else torch.float32
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != target:
+            param.data = param.data.to(target)
+
+
+def apply_training_recipe(model: torch.nn.Module, model_args: ModelArguments, train_args: TrainingArguments):
+    """Quantize (``--bits``), freeze and wrap with LoRA as the flags say; returns the model to train."""
+    from vidlora.model.lora import apply_recipe, build_lora_config
+
+    if train_args.bits in (4, 8):
+        from vidlora.model.quantize import quantize_language_model
+
+        model = quantize_language_model(
+            model,
+            device=train_args.device,
+            bits=train_args.bits,
+            compute_dtype=load_dtype(train_args),
+            double_quant=train_args.double_quant,
+            quant_type=train_args.quant_type,
+            gradient_checkpointing=train_args.gradient_checkpointing,
+        )
+    train_llm = not (model_args.freeze_backbone or model_args.tune_mm_mlp_adapter)
+    if not train_llm:
+        model.language_model.requires_grad_(False)
+    lora_config = None
+    if train_args.lora_enable and not model_args.tune_mm_mlp_adapter:
+        lora_config = build_lora_config(
+            model, train_args.lora_r, train_args.lora_alpha, train_args.lora_dropout, train_args.lora_bias
+        )
+    base = model
+    model = apply_recipe(model, lora_config, train_llm=train_llm)
+    if train_args.freeze_mm_mlp_adapter:
+        base.mm_projector.requires_grad_(False)
+    set_trainable_dtype(model, load_dtype(train_args), deepspeed=bool(train_args.deepspeed))
+    if train_args.gradient_checkpointing:
+        # LoRA leaves the embeddings frozen; without inputs that require grad, re-entrant
+        # checkpointing would cut the graph and the adapters would get no gradient.
+        base.enable_input_require_grads()
+    return model
+
+
+def trainable_report(model: torch.nn.Module) -> str:
+    """One line per part: trainable / total parameters."""
+    from vidlora.model.info import count_parameters, format_counts
+
+    return format_counts(count_parameters(model, from_flags=True))
+
+
+def build_datasets(
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    processor: Processor,
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[SupervisedDataset, SupervisedDataset | None]:
+    """Training dataset and (optionally) evaluation dataset, all records validated up front."""
+    train_set = SupervisedDataset.from_args(data_args, processor, tokenizer)
+    eval_set = None
+    if data_args.eval_data_path:
+        eval_set = SupervisedDataset.from_args(data_args, processor, tokenizer, eval_split=True)
+    elif wants_evaluation(train_args.eval_strategy):
+        train_set, eval_set = train_eval_split(train_set, data_args.eval_holdout_ratio, train_args.seed)
+        if train_args.should_log:
+            print(
+                f"vidlora: no --eval_data_path; holding out {len(eval_set)} of {len(train_set) + len(eval_set)} "
+                f"training samples for evaluation (--eval_holdout_ratio {data_args.eval_holdout_ratio})",
+                file=sys.stderr,
+            )
+    return train_set, eval_set
+
+
+def load_model_and_data(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+    """The base model, the run's processor and its datasets: every sample is validated here,
+    before quantization, LoRA or the first step. Returns ``(loaded, processor, train_set, eval_set)``.
+    """
+    loaded = load_model(model_args, train_args)
+    processor = Processor.for_model(loaded.model.config, **processor_options(model_args, data_args))
+    train_set, eval_set = build_datasets(data_args, train_args, processor, loaded.tokenizer)
+    return loaded, processor, train_set, eval_set
+
+
+def run_record(
+    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, processor: Processor
+) -> RunRecord:
+    """What every checkpoint of this run records: the base to load, the processor, the arguments."""
+    base = BaseModel(
+        model_name_or_path=model_args.model_name_or_path,
+        video_tower=model_args.video_tower,
+        image_tower=model_args.image_tower,
+        pretrain_mm_mlp_adapter=model_args.pretrain_mm_mlp_adapter,
+        mm_projector_type=model_args.mm_projector_type,
+        cache_dir=model_args.cache_dir,
+    )
+    training: dict[str, Any] = {
+        "model_args": asdict(model_args),
+        "data_args": asdict(data_args),
+        "training_args": train_args.to_dict(),
+    }
+    return RunRecord(base=base, processor=processor, training=training)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+    """Train; returns the Trainer (its state holds the log history)."""
+    from transformers import set_seed
+
+    from vidlora.data.collate import MultimodalCollator
+    from vidlora.training.callbacks import LossCurveWriter, NonFiniteStop, TokenCountLogger
+    from vidlora.training.distributed import init_deepspeed_distributed
+    from vidlora.training.trainer import VidloraTrainer
+
+    set_seed(train_args.seed)
+    # ZeRO-3 builds models inside deepspeed.zero.Init, which needs DeepSpeed's process group first.
+    init_deepspeed_distributed(train_args.deepspeed, train_args.ddp_timeout)
+    loaded, processor, train_set, eval_set = load_model_and_data(model_args, data_args, train_args)
+    model = apply_training_recipe(loaded.model, model_args, train_args)
+    if train_args.should_log:
+        print(trainable_report(model), file=sys.stderr)
+    nonfinite = NonFiniteStop() if train_args.stop_on_nonfinite else None
+    callbacks = [c for c in (nonfinite, TokenCountLogger(), LossCurveWriter()) if c is not None]
+    trainer = VidloraTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=MultimodalCollator(pad_token_id=loaded.tokenizer.pad_token_id),
+        processing_class=loaded.tokenizer,
+        callbacks=callbacks,
+        record=run_record(model_args, data_args, train_args, processor),
+    )
+    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    if nonfinite is not None:
+        # Before the final save: the broken weights must not overwrite the last good checkpoint.
+        nonfinite.raise_if_failed()
+    trainer.save_model(train_args.output_dir)
+    trainer.save_state()
+    return trainer
