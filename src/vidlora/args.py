@@ -159,6 +159,10 @@ class TrainingArguments(transformers.TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio is not None:
             self.warmup_steps = self.warmup_ratio
+        # transformers 5 renamed --gradient_checkpointing (the original's flag) and warns on the old
+        # name; it is the original's interface here, so it is translated without a warning.
+        if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         super().__post_init__()
 
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 import original_videollava as original
 from hub_repos import write_sp_tokenizer
@@ -114,11 +115,22 @@ def case_row(tokenizer_dirs, legacy_name: str, template: str, modality: str, tur
         template,
         encode=lambda text: list(tokenizer(text).input_ids),
     )
+    # The original's code as it runs on transformers 5 unchanged (its legacy default is False).
+    stock_tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    stock = reference(
+        directory,
+        LEGACY[legacy_name],
+        conv,
+        media,
+        template,
+        encode=lambda text: list(stock_tokenizer(text).input_ids),
+    )
     return {
         "ids": ids,
         "labels": labels,
         "original": old,
         "today": today,
+        "stock": stock,
         "tokenizer": tokenizer,
         "same_ids": ids == old.input_ids,
         "same_labels": labels == old.labels,
@@ -151,6 +163,25 @@ def test_ids_and_labels_equal_the_originals_where_its_masking_holds(
     assert [part.strip() for part in decoded.split("</s>")] == [*ANSWERS[:turns], ""]
 
 
+@pytest.mark.parametrize("legacy_name", list(LEGACY))
+@pytest.mark.parametrize(
+    "question",
+    [
+        "<image> What color is the circle?",
+        "Is there a circle in <image> this picture?",
+        "What is this?\n<image>",
+    ],
+)
+def test_placeholders_inside_the_text_give_the_originals_ids(tokenizer_dirs, legacy_name, question):
+    """A chunk that starts with a space gets SentencePiece's dummy prefix on top ("▁", "▁What")."""
+    directory = tokenizer_dirs[legacy_name]
+    conv = [("human", question), ("gpt", ANSWERS[0])]
+    ids, labels = vidlora_ids(vidlora_tokenizer(directory), conv, {"image": "a.png"}, "v1")
+    old = reference(directory, LEGACY[legacy_name], conv, {"image": "a.png"}, "v1")
+    assert old.consistent
+    assert ids == old.input_ids and labels == old.labels
+
+
 def test_absent_legacy_loads_as_the_original_stack_and_says_so(tokenizer_dirs):
     from vidlora.model.tokenizer import load_tokenizer
 
@@ -172,3 +203,58 @@ def test_saved_tokenizer_keeps_its_legacy_setting(tokenizer_dirs, tmp_path):
         saved = json.loads((tmp_path / name / "tokenizer_config.json").read_text())
         assert saved["legacy"] is tokenizer.legacy
         assert load_tokenizer(tmp_path / name).legacy is tokenizer.legacy
+
+
+# -- the docs table ---------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "tokenization.md"
+TABLE_START, TABLE_END = "<!-- cases:begin -->", "<!-- cases:end -->"
+
+
+def _note(row: dict) -> str:
+    if row["same_ids"] and row["same_labels"]:
+        return "equal"
+    old = row["original"]
+    if not old.consistent and 0 in old.input_ids:
+        return (
+            "4.31's `legacy=False` strips the `▁` of `▁USER` after `</s>` and finds no such piece (`<unk>`), "
+            "so the original masks every label; vidlora keeps the tokenizer's own ids and trains every answer"
+        )
+    return "differs"
+
+
+def _masking(sample) -> str:
+    return "consistent" if sample.consistent else "mismatch: all masked"
+
+
+def markdown_table(tokenizer_dirs) -> str:
+    """The cases table of docs/tokenization.md, computed."""
+    lines = [
+        "| `legacy` | template | media | turns | original on transformers 4.31 | original on transformers 5 "
+        "| ids = 4.31's | labels = 4.31's | |",
+        "|---|---|---|---:|---|---|---|---|---|",
+    ]
+    for legacy_name, template, modality, turns in CASES:
+        row = case_row(tokenizer_dirs, legacy_name, template, modality, turns)
+        lines.append(
+            f"| {legacy_name} | {template} | {modality} | {turns} | {_masking(row['original'])} | "
+            f"{_masking(row['stock'])} | {'yes' if row['same_ids'] else 'no'} | "
+            f"{'yes' if row['same_labels'] else 'no'} | {_note(row)} |"
+        )
+    return "\n".join(lines)
+
+
+def test_docs_table_is_what_the_comparison_gives(tokenizer_dirs):
+    text = DOCS.read_text()
+    documented = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
+    assert documented == markdown_table(tokenizer_dirs), "regenerate: python tests/data/test_original_ids.py"
+
+
+if __name__ == "__main__":  # print the docs table: python tests/data/test_original_ids.py
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {name: write_sp_tokenizer(Path(tmp) / name, legacy=value) for name, value in LEGACY.items()}
+        print(markdown_table(dirs))

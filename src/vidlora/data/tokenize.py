@@ -373,6 +373,11 @@ def _encode_piece(
 
     def encode(s: str, first: bool) -> list[int]:
         if first:
+            if s[:1].isspace() and _prefix_swallows_a_space(tokenizer):
+                # SentencePiece adds its dummy "▁" to every string, even one that starts with a space
+                # (" What" -> "▁", "▁What"); transformers' Metaspace adds it only when the string does
+                # not start with one. Text that starts a string of its own gets SentencePiece's.
+                s = " " + s
             return list(tokenizer.encode(s, add_special_tokens=False))
         ids = tokenizer.encode(IMAGE_PLACEHOLDER + s, add_special_tokens=False)
         if not ids or ids[0] != anchor_id:
@@ -386,6 +391,14 @@ def _encode_piece(
         if both[: len(base)] == base:
             return both[len(base) :]
     return encode(text, fresh)
+
+
+def _prefix_swallows_a_space(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's word-start prefix absorbs a leading space ("a" and " a" encode alike):
+    Metaspace with a prepend scheme (LLaMA in transformers), unlike SentencePiece's own dummy prefix."""
+    return list(tokenizer.encode(" a", add_special_tokens=False)) == list(
+        tokenizer.encode("a", add_special_tokens=False)
+    )
 
 
 def _check_media_counts(sample: Sample, segments: Sequence[Segment], template: Template) -> None:

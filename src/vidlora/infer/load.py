@@ -38,7 +38,7 @@ from vidlora.data.processor import Processor
 from vidlora.errors import NotFoundError, UsageError
 from vidlora.model import keymaps
 from vidlora.model.loading import load_pretrained
-from vidlora.model.lora import build_lora_config, peft_adapter_key, strip_peft_prefix
+from vidlora.model.lora import build_lora_config, peft_adapter_key, quiet_peft, strip_peft_prefix
 from vidlora.model.modeling import register_auto_classes
 
 
@@ -139,7 +139,8 @@ def load_for_inference(
         from peft import PeftModel
 
         load_trainables(model, path / NON_LORA_FILE)
-        model = PeftModel.from_pretrained(model, str(path))
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, str(path))
         kind = "vidlora adapter"
     elif (path / LEGACY_ADAPTER).is_file():
         model = _load_legacy(model, path)
@@ -197,7 +198,8 @@ def _load_legacy(model: torch.nn.Module, path: Path):
         float(legacy_config.get("lora_dropout", 0.0)),
         legacy_config.get("bias", "none"),
     )
-    peft_model = PeftModel(model, lora_config)
+    with quiet_peft():
+        peft_model = PeftModel(model, lora_config)
     adapter = torch.load(path / LEGACY_ADAPTER, map_location="cpu", weights_only=True)
     renamed = {}
     for key, tensor in adapter.items():

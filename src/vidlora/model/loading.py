@@ -304,7 +304,14 @@ def _fit_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, report:
                 "the checkpoint's config and tokenizer disagree"
             )
         setattr(config, attr, value)
-    config.pad_token_id = ids.pad
+    # The pad id everywhere the Trainer and generate() look, so neither has to "align" it later.
+    config.pad_token_id = config.text_config.pad_token_id = ids.pad
+    for generation_config in (
+        getattr(model, "generation_config", None),
+        getattr(model.language_model, "generation_config", None),
+    ):
+        if generation_config is not None:
+            generation_config.pad_token_id = ids.pad
     llm = model.get_submodule("language_model")
     rows = llm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:

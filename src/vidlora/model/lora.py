@@ -13,6 +13,9 @@ modules) and the original's legacy adapters all target the same modules, for any
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -84,6 +87,17 @@ def build_lora_config(
     )
 
 
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` when wrapping a model;
+    the FutureWarning it triggers is PEFT's to fix and says nothing to a vidlora user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def strip_peft_prefix(name: str) -> str:
     """``base_model.model.mm_projector.0.weight`` -> ``mm_projector.0.weight``."""
     return name.removeprefix(PEFT_PREFIX)
@@ -120,7 +134,8 @@ def apply_recipe(model: nn.Module, lora_config: LoraConfig | None, *, train_llm:
         return model
     from peft import get_peft_model
 
-    peft_model: PeftModel = get_peft_model(model, lora_config)
+    with quiet_peft():
+        peft_model: PeftModel = get_peft_model(model, lora_config)
     # get_peft_model froze every base weight; the projector is trained in full, as in the original.
     projector.requires_grad_(True)
     return peft_model
