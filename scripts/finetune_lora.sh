@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The seed's Video-LLaVA LoRA command (rank 128, alpha 256, ZeRO-3, bf16), for vidlora.
+# The original's Video-LLaVA LoRA command (rank 128, alpha 256, ZeRO-3, bf16), for vidlora.
 #
 #   MODEL=/path/to/Video-LLaVA-7B DATA=data.json DATA_ROOT=/path/to/media bash scripts/finetune_lora.sh
 #

@@ -1,9 +1,10 @@
-"""The seed's flags, as argument dataclasses: the public interface of `vidlora train`.
+"""The original's flags, as argument dataclasses: the public interface of `vidlora train` and `check`.
 
 Every flag of the Video-LLaVA LoRA command is accepted with the original meaning, including the
 old names (`--evaluation_strategy`, `--warmup_ratio`, `--X`, `--lazy_preprocess`,
-`--mm_use_x_start_end`). Defaults live here and nowhere else. ``parse_train_args`` reports every
-problem at once, before any model is loaded.
+`--mm_use_x_start_end`). Defaults live here and nowhere else. `vidlora check` parses the same
+`ModelArguments` and `DataArguments` as training, so it reads the data under the same rules.
+``parse_train_args`` / ``parse_check_args`` report every problem at once, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 from typing import Any
@@ -290,7 +292,7 @@ class CheckArguments:
     no_progress: bool = field(default=False, metadata={"help": "No progress bar."})
 
 
-def _parse(argv: list[str] | None, dtypes: tuple[type, ...], check) -> list[Any]:
+def _parse(argv: list[str] | None, dtypes: tuple[Any, ...], check: Callable[..., list[str]]) -> list[Any]:
     """Parse ``argv`` into ``dtypes``; ``check(raw namespaces)`` returns problems; all reported at once.
 
     The checks run on the raw values first, so one run reports everything that is wrong instead

@@ -3,11 +3,11 @@
 1. write a synthetic video/image QA dataset (`vidlora synth`);
 2. score the untrained tiny model on the held-out questions (`vidlora predict` + exact match, and
    ranked options: the listed word it finds most likely);
-3. LoRA-fine-tune it with the seed's recipe, scaled down (`vidlora train`);
+3. LoRA-fine-tune it with the original's recipe, scaled down (`vidlora train`);
 4. score it again;
 5. print a before/after table and write ``metrics.json``, ``loss.png`` and ``examples.md``.
 
-Every stage calls the library in-process; the training flags are the seed's LoRA command with
+Every stage calls the library in-process; the training flags are the original's LoRA command with
 only sizes, steps, learning rates, LoRA dropout and gradient checkpointing changed (see
 `training_argv`).
 """
@@ -45,10 +45,10 @@ class DemoConfig:
         epochs: training epochs.
         max_steps: optimizer steps; -1 runs ``epochs`` epochs.
         seed: seed of the dataset and of training.
-        lora_r: LoRA rank (the seed's 128 is full rank on the tiny LLM's hidden size 128; 64
+        lora_r: LoRA rank (the original's 128 is full rank on the tiny LLM's hidden size 128; 64
             trains as well here at 1.7x the speed, see docs/demo.md).
-        lora_alpha: LoRA alpha (the seed uses alpha = 2 r).
-        lora_dropout: dropout on the LoRA inputs (the seed's default 0.05 costs ~15% of a tiny
+        lora_alpha: LoRA alpha (the original uses alpha = 2 r).
+        lora_dropout: dropout on the LoRA inputs (the original's default 0.05 costs ~15% of a tiny
             step in random-mask generation and did not help on the synthetic task).
         learning_rate: learning rate of the LoRA adapters.
         mm_projector_lr: learning rate of the projector (None: ``learning_rate``).
@@ -74,7 +74,7 @@ class DemoConfig:
 
 
 def training_argv(config: DemoConfig, data_dir: Path, output_dir: Path) -> list[str]:
-    """The seed's LoRA command (Video-LLaVA's finetune_lora.sh) on the tiny model and the synthetic
+    """The original's LoRA command (Video-LLaVA's finetune_lora.sh) on the tiny model and the synthetic
     data; only sizes, steps, learning rates and LoRA dropout differ, plus `--gradient_checkpointing
     False`, `--tf32 False`/`--bf16 False` (CPU) and `--report_to none`."""
     argv = [
@@ -109,7 +109,7 @@ def training_argv(config: DemoConfig, data_dir: Path, output_dir: Path) -> list[
         "--logging_steps", "10",
         "--model_max_length", "2048",
         # Off: on the tiny model it only costs time (~10% per step); on or off gives the same
-        # losses (tests/training/test_golden.py pins that), so the numbers stand for the seed's True.
+        # losses (tests/training/test_golden.py pins that), so the numbers stand for the original's True.
         "--gradient_checkpointing", "False",
         "--dataloader_num_workers", "0",
         "--lazy_preprocess", "True",
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data and of training")
     parser.add_argument("--lora_r", type=int, default=d.lora_r, help="LoRA rank")
     parser.add_argument(
-        "--lora_alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank, as the seed)"
+        "--lora_alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank, as the original)"
     )
     parser.add_argument(
         "--lora_dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA inputs"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from tokenizers import pre_tokenizers
 
@@ -255,16 +253,20 @@ def test_original_masking_breaks_on_multiturn_ours_does_not(toks):
 # -- media counts ------------------------------------------------------------------------------
 
 
-def test_media_token_counts():
-    assert MediaTokenCounts.from_sizes(224, 14, 8) == MediaTokenCounts(image=256, video=2056)
-    assert MediaTokenCounts.from_sizes(32, 8, 2) == MediaTokenCounts(image=16, video=34)
-    cfg = SimpleNamespace(image_seq_length=256, video_seq_length=2056)
-    assert MediaTokenCounts.from_config(cfg) == MediaTokenCounts(256, 2056)
+def test_media_token_counts_of_the_7b_model_come_from_its_towers_once():
+    from vidlora.data.processor import Processor
+    from vidlora.model.presets import build_config
+
+    # 224 px / patch 14 = 16 x 16 = 256 patches per image (CLS dropped); 8 frames x (256 + 1) per video.
+    processor = Processor.for_model(build_config("videollava-7b"))
+    assert processor.counts == MediaTokenCounts(image=256, video=2056) and processor.num_frames == 8
+    image_only = Processor.for_model(build_config("videollava-7b", video_config=None))
+    assert image_only.counts == MediaTokenCounts(image=256, video=0) and image_only.num_frames is None
 
 
 def test_7b_counts_expand_exactly(toks):
     tok = toks["llama"]
-    counts = MediaTokenCounts.from_sizes(224, 14, 8)
+    counts = MediaTokenCounts(image=256, video=2056)
     out = tokenize_sample(VIDEO_IMAGES, tok, "v1", counts)
     media = media_token_ids(tok)
     assert out.input_ids.count(media.video) == 2056

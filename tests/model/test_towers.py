@@ -176,7 +176,7 @@ def _np_attention(x: np.ndarray, p: dict[str, np.ndarray], prefix: str, heads: i
 def _np_languagebind_layer(
     x: np.ndarray, p: dict[str, np.ndarray], t: int, heads: int, eps: float
 ) -> np.ndarray:
-    """One LanguageBind video encoder layer, written from reference/videollava-facts.md §1."""
+    """One LanguageBind video encoder layer, written from LanguageBind's modeling_video.py (PKU-YuanGroup/LanguageBind)."""
     bt, n, d = x.shape
     b = bt // t
     erf = np.vectorize(math.erf)

@@ -1,5 +1,5 @@
-"""Shared fixtures for the training tests: one synthetic dataset per session, the seed's command
-line for it, and one reference training run (the seed's flags on the tiny model) that the golden,
+"""Shared fixtures for the training tests: one synthetic dataset per session, the original's command
+line for it, and one reference training run (the original's flags on the tiny model) that the golden,
 checkpoint and resume tests all read.
 
 Training runs in-process through ``vidlora.train.run`` so each run costs seconds, not a fresh
@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-# The dataset every training test uses: 16 training samples (one is held out for the seed's
+# The dataset every training test uses: 16 training samples (one is held out for the original's
 # `--evaluation_strategy epoch`), 4 eval samples, seed 0, 64 px, 16 frames at 8 fps.
 SYNTH_TRAIN, SYNTH_EVAL, SYNTH_SEED = 16, 4, 0
-# The reference run: the seed's flags with saves every 2 steps and every checkpoint kept.
+# The reference run: the original's flags with saves every 2 steps and every checkpoint kept.
 # 15 samples, one modality group per step, 4 per step -> 5 optimizer steps in the epoch.
 REFERENCE_STEPS = 5
 REFERENCE_SAVE_STEPS = 2
 
 
-def seed_flags(data_dir: Path, output_dir: Path, cache_dir: Path) -> list[str]:
-    """The seed's LoRA command (Video-LLaVA's finetune_lora.sh, as in the issue) with its data paths
+def original_flags(data_dir: Path, output_dir: Path, cache_dir: Path) -> list[str]:
+    """The original's LoRA command (Video-LLaVA's finetune_lora.sh, as in the issue) with its data paths
     swapped for the synthetic set, the tiny model, `--tf32 False` (no NVIDIA GPU) and
     `--report_to none`; sizes as in the issue's single-process run."""
     return [
@@ -97,12 +97,12 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def seed_argv(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., list[str]]:
-    """``seed_argv(output_dir, **overrides)``: the seed's command line on the session dataset."""
+def original_argv(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., list[str]]:
+    """``original_argv(output_dir, **overrides)``: the original's command line on the session dataset."""
     cache = tmp_path_factory.mktemp("cache")
 
     def build(output_dir: Path, **overrides: str | None) -> list[str]:
-        return with_flags(seed_flags(synth_dir, output_dir, cache), **overrides)
+        return with_flags(original_flags(synth_dir, output_dir, cache), **overrides)
 
     return build
 
@@ -121,13 +121,13 @@ def train_in_process() -> Callable[[list[str]], object]:
 
 
 @pytest.fixture(scope="session")
-def reference_run(seed_argv, train_in_process, tmp_path_factory: pytest.TempPathFactory):
-    """The seed's flags, saving every 2 steps and keeping every checkpoint (checkpoint-2, -4 and the
+def reference_run(original_argv, train_in_process, tmp_path_factory: pytest.TempPathFactory):
+    """The original's flags, saving every 2 steps and keeping every checkpoint (checkpoint-2, -4 and the
     final step's -5).
 
     Returns ``(trainer, output_dir)``; tests must not modify the directory.
     """
     out = tmp_path_factory.mktemp("reference")
-    argv = seed_argv(out, save_steps=str(REFERENCE_SAVE_STEPS), save_total_limit=None)
+    argv = original_argv(out, save_steps=str(REFERENCE_SAVE_STEPS), save_total_limit=None)
     trainer = train_in_process(argv)
     return trainer, out

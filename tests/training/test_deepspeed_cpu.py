@@ -1,4 +1,4 @@
-"""A 2-process DeepSpeed ZeRO-3 run of a tiny HF Trainer job on the CPU (gloo), as the seed launches it.
+"""A 2-process DeepSpeed ZeRO-3 run of a tiny HF Trainer job on the CPU (gloo), as the original launches it.
 
 The test launches this same file with the ``deepspeed`` launcher; run as a script, the file is the
 worker: a tiny LLaMA built under ``zero.Init`` (after ``init_deepspeed_distributed``), LoRA on

@@ -1,6 +1,6 @@
-"""Golden losses of the seed's command on the tiny model, and what must not change them.
+"""Golden losses of the original's command on the tiny model, and what must not change them.
 
-The reference run (conftest.py) is the seed's flags on the session's synthetic dataset (16 train
+The reference run (conftest.py) is the original's flags on the session's synthetic dataset (16 train
 samples, seed 0; one held out for `--evaluation_strategy epoch`), tiny preset (weights from seed 0),
 `--seed 42` (the Trainer's default), fp32 on the CPU, 5 optimizer steps of 2 x 2 samples.
 """
@@ -44,10 +44,12 @@ def test_first_four_losses_are_pinned(reference_run):
 
 
 def test_gradient_checkpointing_does_not_change_the_losses(
-    reference_run, seed_argv, train_in_process, tmp_path
+    reference_run, original_argv, train_in_process, tmp_path
 ):
     trainer, _ = reference_run
-    argv = seed_argv(tmp_path / "out", save_steps="2", save_total_limit=None, gradient_checkpointing="False")
+    argv = original_argv(
+        tmp_path / "out", save_steps="2", save_total_limit=None, gradient_checkpointing="False"
+    )
     plain = train_in_process(argv)
     assert plain.args.gradient_checkpointing is False and trainer.args.gradient_checkpointing is True
     assert _losses(plain) == pytest.approx(_losses(trainer), abs=CHECKPOINTING_TOL)

@@ -30,10 +30,10 @@ def modality_data(tmp_path_factory) -> dict[str, Path]:
 
 
 def short_run(
-    seed_argv, out: Path, model: str, hub_cache, data_dir: Path | None = None, *extra: str
+    original_argv, out: Path, model: str, hub_cache, data_dir: Path | None = None, *extra: str
 ) -> list[str]:
-    """The seed's flags on ``model`` from the hub cache: 2 optimizer steps, no evaluation, no grouping."""
-    argv = seed_argv(
+    """The original's flags on ``model`` from the hub cache: 2 optimizer steps, no evaluation, no grouping."""
+    argv = original_argv(
         out,
         model_name_or_path=model,
         cache_dir=str(hub_cache.root),
@@ -98,13 +98,21 @@ def _video_batch(loaded, data_dir: Path):
 
 
 def test_select_layer_and_frames_survive_to_inference(
-    seed_argv, train_in_process, hub_cache, tmp_path, synth_dir
+    original_argv, train_in_process, hub_cache, tmp_path, synth_dir
 ):
     """-1 and 16 frames (the -hf video tower has no temporal embedding to fix the count) reach chat/predict."""
     out = tmp_path / "run"
     trainer = train_in_process(
         short_run(
-            seed_argv, out, HF_REPO, hub_cache, None, "--mm_vision_select_layer", "-1", "--num_frames", "16"
+            original_argv,
+            out,
+            HF_REPO,
+            hub_cache,
+            None,
+            "--mm_vision_select_layer",
+            "-1",
+            "--num_frames",
+            "16",
         )
     )
     trained, loaded = _trained_and_loaded(trainer, out)
@@ -122,7 +130,7 @@ def test_select_layer_and_frames_survive_to_inference(
 
 @pytest.mark.parametrize("modality", ["video", "image"])
 def test_single_tower_model_trains_checks_and_predicts(
-    modality, seed_argv, train_in_process, hub_cache, modality_data, tmp_path
+    modality, original_argv, train_in_process, hub_cache, modality_data, tmp_path
 ):
     from vidlora.cli import main as vidlora
 
@@ -132,7 +140,7 @@ def test_single_tower_model_trains_checks_and_predicts(
     )
     modality_flag = "Video" if modality == "video" else "Image"
     out = tmp_path / "run"
-    argv = short_run(seed_argv, out, VICUNA_REPO, hub_cache, data, tower_flag, tower)
+    argv = short_run(original_argv, out, VICUNA_REPO, hub_cache, data, tower_flag, tower)
     argv[argv.index("--X") + 1 : argv.index("--X") + 3] = [modality_flag]
     train_in_process(argv)
     assert (out / "adapter_model.safetensors").is_file()

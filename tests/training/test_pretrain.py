@@ -27,8 +27,8 @@ PROJECTOR_BYTES = 4 * (64 * 128 + 128 + 128 * 128 + 128)
 FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")
 
 
-def _pretrain_argv(seed_argv, out: Path, **overrides: str | None) -> list[str]:
-    return seed_argv(
+def _pretrain_argv(original_argv, out: Path, **overrides: str | None) -> list[str]:
+    return original_argv(
         out,
         lora_enable="False",
         tune_mm_mlp_adapter="True",
@@ -40,9 +40,9 @@ def _pretrain_argv(seed_argv, out: Path, **overrides: str | None) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pretrain_run(seed_argv, train_in_process, tmp_path_factory: pytest.TempPathFactory):
+def pretrain_run(original_argv, train_in_process, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("pretrain")
-    return train_in_process(_pretrain_argv(seed_argv, out)), out
+    return train_in_process(_pretrain_argv(original_argv, out)), out
 
 
 @pytest.mark.parametrize("where", ["checkpoint-2", "checkpoint-4", "checkpoint-5", "."])
@@ -75,13 +75,15 @@ def test_only_the_projector_moved(pretrain_run):
         assert torch.equal(final[key], trained[key].detach()), key
 
 
-def test_resume_replays_the_uninterrupted_pretraining(pretrain_run, seed_argv, train_in_process, tmp_path):
+def test_resume_replays_the_uninterrupted_pretraining(
+    pretrain_run, original_argv, train_in_process, tmp_path
+):
     reference, ref_out = pretrain_run
     out = tmp_path / "out"
     out.mkdir()
     shutil.copytree(ref_out / "checkpoint-2", out / "checkpoint-2")
     resumed = train_in_process(
-        _pretrain_argv(seed_argv, out, resume_from_checkpoint=str(out / "checkpoint-2"))
+        _pretrain_argv(original_argv, out, resume_from_checkpoint=str(out / "checkpoint-2"))
     )
 
     def step_losses(trainer) -> dict[int, float]:
@@ -94,10 +96,12 @@ def test_resume_replays_the_uninterrupted_pretraining(pretrain_run, seed_argv, t
         assert torch.equal(got[key], want[key]), key
 
 
-def test_resume_without_the_projector_file_is_refused(pretrain_run, seed_argv, train_in_process, tmp_path):
+def test_resume_without_the_projector_file_is_refused(
+    pretrain_run, original_argv, train_in_process, tmp_path
+):
     _, ref_out = pretrain_run
     start = tmp_path / "out" / "checkpoint-2"
     shutil.copytree(ref_out / "checkpoint-2", start)
     (start / NON_LORA).unlink()
     with pytest.raises(FileNotFoundError, match=r"non_lora_trainables\.safetensors is missing"):
-        train_in_process(_pretrain_argv(seed_argv, tmp_path / "out", resume_from_checkpoint=str(start)))
+        train_in_process(_pretrain_argv(original_argv, tmp_path / "out", resume_from_checkpoint=str(start)))

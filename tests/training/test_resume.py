@@ -1,4 +1,4 @@
-"""Checkpoints of the seed's command: each one is complete and loads on its own for inference, and
+"""Checkpoints of the original's command: each one is complete and loads on its own for inference, and
 resuming from one replays the uninterrupted run exactly.
 
 The uninterrupted run is conftest's reference run (5 steps, saves at steps 2 and 4 and at the last
@@ -103,13 +103,13 @@ def test_a_checkpoint_loads_alone_for_inference(reference_run, where):
     assert len(loaded.tokenizer) == base.get_input_embeddings().num_embeddings
 
 
-def test_resume_replays_the_uninterrupted_run(reference_run, seed_argv, train_in_process, tmp_path):
+def test_resume_replays_the_uninterrupted_run(reference_run, original_argv, train_in_process, tmp_path):
     reference, ref_out = reference_run
     out = tmp_path / "out"
     out.mkdir()
     start = out / f"checkpoint-{RESUME_FROM}"
     shutil.copytree(ref_out / f"checkpoint-{RESUME_FROM}", start)
-    argv = seed_argv(out, save_steps="2", save_total_limit=None, resume_from_checkpoint=str(start))
+    argv = original_argv(out, save_steps="2", save_total_limit=None, resume_from_checkpoint=str(start))
     resumed = train_in_process(argv)
 
     # The resumed state's log history starts with the checkpoint's (steps 1-2), then the new steps.
@@ -126,7 +126,7 @@ def test_resume_replays_the_uninterrupted_run(reference_run, seed_argv, train_in
         _assert_same_tensors(load_file(str(out / name)), load_file(str(ref_out / name)))
 
 
-def test_resume_replays_the_next_epoch_too(synth_dir, seed_argv, train_in_process, tmp_path):
+def test_resume_replays_the_next_epoch_too(synth_dir, original_argv, train_in_process, tmp_path):
     # A second epoch on a small set (the 4 eval samples as training data: 3 with media, 1 text-only),
     # one sample per step: 4 steps per epoch, 8 in all; the grouped sampler draws epoch 2's order from
     # (seed, epoch 1). Resuming from step 3 must replay the rest of epoch 1 and all of epoch 2.
@@ -134,13 +134,13 @@ def test_resume_replays_the_next_epoch_too(synth_dir, seed_argv, train_in_proces
         "data_path": str(synth_dir / "eval.json"), "num_train_epochs": "2", "per_device_train_batch_size": "1",
         "gradient_accumulation_steps": "1", "evaluation_strategy": "no", "save_steps": "3", "save_total_limit": None,
     }  # fmt: skip
-    whole = train_in_process(seed_argv(tmp_path / "whole", **small))
+    whole = train_in_process(original_argv(tmp_path / "whole", **small))
     assert sorted(_losses(whole)) == list(range(1, 9))
 
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(tmp_path / "whole" / "checkpoint-3", out / "checkpoint-3")
-    resumed = train_in_process(seed_argv(out, **small, resume_from_checkpoint=str(out / "checkpoint-3")))
+    resumed = train_in_process(original_argv(out, **small, resume_from_checkpoint=str(out / "checkpoint-3")))
     assert _losses(resumed) == _losses(whole)
     for name in ("adapter_model.safetensors", NON_LORA):
         _assert_same_tensors(load_file(str(out / name)), load_file(str(tmp_path / "whole" / name)))

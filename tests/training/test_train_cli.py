@@ -1,8 +1,8 @@
-"""`vidlora train` end to end on the tiny model: the seed's flags parse, bad flags are all reported
+"""`vidlora train` end to end on the tiny model: the original's flags parse, bad flags are all reported
 before any model loads, a NaN stops training without checkpointing the broken weights, and the
-QLoRA (`--bits 4`) and rank-128 variants of the seed's command train on the CPU.
+QLoRA (`--bits 4`) and rank-128 variants of the original's command train on the CPU.
 
-Fixtures (`seed_argv`, `train_in_process`, `synth_dir`) come from conftest.py.
+Fixtures (`original_argv`, `train_in_process`, `synth_dir`) come from conftest.py.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _refuse_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- argument handling (no training) ----------------------------------------------------------------
 
 
-def test_every_flag_of_the_seed_command_is_accepted(seed_argv, tmp_path):
-    model, data, train = parse_train_args(seed_argv(tmp_path / "out"), cuda_available=False)
+def test_every_flag_of_the_seed_command_is_accepted(original_argv, tmp_path):
+    model, data, train = parse_train_args(original_argv(tmp_path / "out"), cuda_available=False)
 
     assert (model.model_name_or_path, model.version, model.X) == ("tiny", "v1", ["Video", "Image"])
     assert (model.mm_projector_type, model.mm_vision_select_layer) == ("mlp2x_gelu", -2)
@@ -65,17 +65,17 @@ def test_every_flag_of_the_seed_command_is_accepted(seed_argv, tmp_path):
     assert train.use_cpu is True
 
 
-def test_old_flag_names_map_to_the_new_ones(seed_argv, tmp_path):
-    _, _, train = parse_train_args(seed_argv(tmp_path / "out"), cuda_available=False)
+def test_old_flag_names_map_to_the_new_ones(original_argv, tmp_path):
+    _, _, train = parse_train_args(original_argv(tmp_path / "out"), cuda_available=False)
     # --evaluation_strategy epoch -> eval_strategy; --warmup_ratio 0.03 -> warmup_steps 0.03
     # (transformers 5 reads a warmup_steps below 1 as a fraction of all steps).
     assert str(train.eval_strategy.value) == "epoch"
     assert train.warmup_steps == pytest.approx(0.03)
 
 
-def test_every_problem_is_reported_at_once(seed_argv, tmp_path, monkeypatch):
+def test_every_problem_is_reported_at_once(original_argv, tmp_path, monkeypatch):
     _refuse_model_loading(monkeypatch)
-    argv = seed_argv(tmp_path / "out", tf32="True", report_to="wandb", bits="3", data_path=None)
+    argv = original_argv(tmp_path / "out", tf32="True", report_to="wandb", bits="3", data_path=None)
     at = argv.index("--X")
     argv[at + 1 : at + 3] = ["Video", "Audio"]
     with pytest.raises(ArgumentProblems) as caught:
@@ -89,8 +89,8 @@ def test_every_problem_is_reported_at_once(seed_argv, tmp_path, monkeypatch):
         assert sum(p.startswith(start) for p in problems) == 1, (start, problems)
 
 
-def test_qlora_with_zero3_is_refused_with_the_other_problems(seed_argv, tmp_path):
-    argv = seed_argv(tmp_path / "out", bits="4", deepspeed=str(ZERO3), tf32="True")
+def test_qlora_with_zero3_is_refused_with_the_other_problems(original_argv, tmp_path):
+    argv = original_argv(tmp_path / "out", bits="4", deepspeed=str(ZERO3), tf32="True")
     with pytest.raises(ArgumentProblems) as caught:
         parse_train_args(argv, cuda_available=False)
     problems = caught.value.problems
@@ -99,9 +99,9 @@ def test_qlora_with_zero3_is_refused_with_the_other_problems(seed_argv, tmp_path
     assert problems[1].startswith("--tf32 True")
 
 
-def test_main_returns_2_and_prints_every_problem(seed_argv, tmp_path, monkeypatch, capsys):
+def test_main_returns_2_and_prints_every_problem(original_argv, tmp_path, monkeypatch, capsys):
     _refuse_model_loading(monkeypatch)
-    argv = seed_argv(tmp_path / "out", bits="3", data_path=None, num_frames="0")
+    argv = original_argv(tmp_path / "out", bits="3", data_path=None, num_frames="0")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "vidlora train: error: 3 problem(s) with the arguments:" in err
@@ -117,12 +117,12 @@ def test_main_returns_2_and_prints_every_problem(seed_argv, tmp_path, monkeypatc
 # -- training variants ------------------------------------------------------------------------------
 
 
-def test_nan_loss_stops_training_and_keeps_only_earlier_checkpoints(seed_argv, tmp_path, capsys):
+def test_nan_loss_stops_training_and_keeps_only_earlier_checkpoints(original_argv, tmp_path, capsys):
     # No warmup and an absurd learning rate: step 1's update (lr 1e10) wrecks the weights; step 2's
     # loss still comes out finite (logits ~1e10) but its gradient norm is NaN, caught before the
     # optimizer step. Checkpoints every step: checkpoint-1 is the last good one.
     out = tmp_path / "out"
-    argv = seed_argv(
+    argv = original_argv(
         out, learning_rate="1e10", warmup_ratio="0", max_grad_norm="0", save_steps="1",
         save_total_limit=None, max_steps="3", evaluation_strategy="no", disable_tqdm="True",
     )  # fmt: skip
@@ -135,10 +135,10 @@ def test_nan_loss_stops_training_and_keeps_only_earlier_checkpoints(seed_argv, t
     assert not (out / "adapter_model.safetensors").exists()  # no final save of the broken weights
 
 
-def test_rank_128_lora_trains_and_the_loss_falls(seed_argv, train_in_process, tmp_path):
-    # The seed's rank/alpha on the tiny model (hidden size 128: r equals the width). A higher
-    # learning rate than the seed's so 8 steps show learning: the answers come from a closed set.
-    argv = seed_argv(
+def test_rank_128_lora_trains_and_the_loss_falls(original_argv, train_in_process, tmp_path):
+    # The original's rank/alpha on the tiny model (hidden size 128: r equals the width). A higher
+    # learning rate than the original's so 8 steps show learning: the answers come from a closed set.
+    argv = original_argv(
         tmp_path / "out", lora_r="128", lora_alpha="256", learning_rate="2e-3", max_steps="8",
         per_device_train_batch_size="2", gradient_accumulation_steps="1", save_steps="8",
         evaluation_strategy="no",
@@ -154,9 +154,9 @@ def test_rank_128_lora_trains_and_the_loss_falls(seed_argv, train_in_process, tm
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
-def test_qlora_4bit_trains_on_cpu_and_writes_a_checkpoint(seed_argv, train_in_process, tmp_path):
+def test_qlora_4bit_trains_on_cpu_and_writes_a_checkpoint(original_argv, train_in_process, tmp_path):
     out = tmp_path / "out"
-    argv = seed_argv(out, bits="4", max_steps="2", save_steps="2", evaluation_strategy="no")
+    argv = original_argv(out, bits="4", max_steps="2", save_steps="2", evaluation_strategy="no")
     trainer = train_in_process(argv)
     losses = _logged_losses(trainer)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
@@ -170,9 +170,9 @@ def test_qlora_4bit_trains_on_cpu_and_writes_a_checkpoint(seed_argv, train_in_pr
 
 
 def test_projector_lr_has_its_own_groups_and_the_log_shows_the_main_rate(
-    seed_argv, train_in_process, tmp_path
+    original_argv, train_in_process, tmp_path
 ):
-    argv = seed_argv(
+    argv = original_argv(
         tmp_path / "out", mm_projector_lr="2e-5", warmup_ratio="0", max_steps="2", save_steps="2",
         per_device_train_batch_size="2", gradient_accumulation_steps="1", evaluation_strategy="no",
     )  # fmt: skip
@@ -193,11 +193,11 @@ def test_projector_lr_has_its_own_groups_and_the_log_shows_the_main_rate(
     assert rates[0] == pytest.approx(2e-4)
 
 
-def test_deepspeed_without_a_launcher_returns_2_before_loading(seed_argv, tmp_path, monkeypatch, capsys):
+def test_deepspeed_without_a_launcher_returns_2_before_loading(original_argv, tmp_path, monkeypatch, capsys):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     _refuse_model_loading(monkeypatch)
-    assert main(seed_argv(tmp_path / "out", deepspeed=str(ZERO3))) == 2
+    assert main(original_argv(tmp_path / "out", deepspeed=str(ZERO3))) == 2
     err = capsys.readouterr().err
     assert (
         "vidlora train: error: --deepspeed needs a distributed launcher (missing environment: RANK, LOCAL_RANK"

@@ -232,7 +232,7 @@ def _decode_targets(
         # Keep decoding forward when no keyframe lies between here and the target: a seek would
         # only restart from the same or an earlier keyframe.
         reuse = frames is not None and last_pts is not None and last_pts < target
-        if reuse and key_index >= 0 and table.keyframe_pts[key_index] > last_pts:
+        if reuse and last_pts is not None and key_index >= 0 and table.keyframe_pts[key_index] > last_pts:
             reuse = False
         while target not in found:
             seeked = not reuse

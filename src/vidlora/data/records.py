@@ -1,6 +1,6 @@
 """Training/eval records: JSON or JSONL files -> validated, typed :class:`Sample` objects.
 
-The format is the original Video-LLaVA one (DESIGN.md §2)::
+The format is the original Video-LLaVA one::
 
     {"id": "v1", "video": "clips/a.mp4", "image": ["a.jpg", "b.jpg"],
      "conversations": [{"from": "human", "value": "<video>\\nWhat?"}, {"from": "gpt", "value": "..."}]}

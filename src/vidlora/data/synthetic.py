@@ -9,7 +9,7 @@ alone says nothing about the answer.
 The pipeline is plan → render → write: planning is the only step that draws random numbers (one
 generator per split, seeded from ``(seed, split index)``), rendering is a pure function of a plan,
 and writing encodes the pixels (h264 via PyAV, PNG/JPEG via PIL) and the Video-LLaVA JSON
-(DESIGN.md §2). The same seed gives byte-identical JSON and identical decoded pixels.
+(the format of README.md's Data section). The same seed gives byte-identical JSON and identical decoded pixels.
 """
 
 from __future__ import annotations

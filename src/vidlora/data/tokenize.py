@@ -53,7 +53,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -102,20 +101,6 @@ class MediaTokenCounts:
 
     image: int
     video: int
-
-    @classmethod
-    def from_sizes(cls, image_size: int, patch_size: int, num_frames: int) -> MediaTokenCounts:
-        """Counts for a ViT with ``image_size``/``patch_size``: image (S//P)², video T·((S//P)²+1).
-
-        Images drop CLS; videos keep one CLS per frame (DESIGN.md §1). 224/14/8 gives 256 and 2056.
-        """
-        n = (image_size // patch_size) ** 2
-        return cls(image=n, video=num_frames * (n + 1))
-
-    @classmethod
-    def from_config(cls, config: Any) -> MediaTokenCounts:
-        """Read ``image_seq_length`` / ``video_seq_length`` from a model config."""
-        return cls(image=int(config.image_seq_length), video=int(config.video_seq_length))
 
 
 @dataclass(frozen=True)

@@ -318,10 +318,10 @@ def judge_records(
         if key not in by_key and key not in todo:
             todo[key] = record
     if todo:
-        cache: JsonlAppender | nullcontext[None] = (
+        appender: JsonlAppender | nullcontext[None] = (
             JsonlAppender(config.cache_path) if config.cache_path else nullcontext()
         )
-        with cache as cache_file, ThreadPoolExecutor(max_workers=config.workers) as pool:
+        with appender as cache_file, ThreadPoolExecutor(max_workers=config.workers) as pool:
             futures = {
                 pool.submit(
                     request_completion,

@@ -51,12 +51,6 @@ class InferenceModel:
     processor: Processor
     description: str
 
-    @property
-    def base_config(self):
-        """The config of the Video-LLaVA model under any adapter."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.config
-
 
 def load_base(
     model_path: str,

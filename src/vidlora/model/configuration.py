@@ -8,7 +8,7 @@ tokenizer step and the model must agree on are derived here, in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -77,9 +77,14 @@ class VideoLlavaConfig(PreTrainedConfig):
         "video_config": SubConfigSpec(config_class=LanguageBindVideoConfig, optional=True),
     }
 
-    text_config: dict | PreTrainedConfig | None = None
-    image_config: dict | PreTrainedConfig | None = None
-    video_config: dict | PreTrainedConfig | None = None
+    if TYPE_CHECKING:  # what the fields hold once built (transformers turns dicts into configs)
+        text_config: PreTrainedConfig
+        image_config: CLIPVisionConfig | None
+        video_config: LanguageBindVideoConfig | None
+    else:
+        text_config: dict | PreTrainedConfig | None = None
+        image_config: dict | PreTrainedConfig | None = None
+        video_config: dict | PreTrainedConfig | None = None
     mm_projector_type: str = "mlp2x_gelu"
     mm_vision_select_layer: int = -2
     image_token_id: int | None = None

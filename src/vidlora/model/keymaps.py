@@ -80,13 +80,6 @@ class Rule:
     cannot_hold: re.Pattern[str] | None = None
 
 
-def _tower_rules(vision_prefix: str, *also: str) -> tuple[Rule, ...]:
-    return tuple(
-        Rule(f"{t}.", vision_prefix.format(t=t), tuple(a.format(t=t) for a in also), rest=_VISION_ROOTS)
-        for t in TOWERS
-    )
-
-
 RULES: Mapping[str, tuple[Rule, ...]] = {
     "ours": (Rule("", ""),),
     "original": (

@@ -16,7 +16,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
@@ -70,7 +70,11 @@ def lora_target_modules(model: nn.Module) -> str:
 
 
 def build_lora_config(
-    model: nn.Module, r: int, alpha: int, dropout: float = 0.05, bias: str = "none"
+    model: nn.Module,
+    r: int,
+    alpha: int,
+    dropout: float = 0.05,
+    bias: Literal["none", "all", "lora_only"] = "none",
 ) -> LoraConfig:
     """The original recipe's LoRA config (task CAUSAL_LM) on ``model``'s LLM (:func:`lora_target_modules`)."""
     from peft import LoraConfig

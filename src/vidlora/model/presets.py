@@ -60,7 +60,7 @@ _TINY_TOWER = _frozen(
     projection_dim=64,
 )
 
-# LanguageBind_Image / LanguageBind_Video_merge: CLIP ViT-L/14 at 224 px (reference/videollava-facts.md §1).
+# LanguageBind_Image / LanguageBind_Video_merge: CLIP ViT-L/14 at 224 px, as their configs say.
 _VIT_L14 = _frozen(
     hidden_size=1024,
     intermediate_size=4096,

@@ -240,8 +240,8 @@ def add_media_tokens(tokenizer: PreTrainedTokenizerBase) -> MediaTokenIds:
         tokenizer.add_tokens(new, special_tokens=True)
     if tokenizer.pad_token != PAD_TOKEN:
         tokenizer.pad_token = PAD_TOKEN
-    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
-    return MediaTokenIds(image=int(ids[0]), video=int(ids[1]), pad=int(tokenizer.pad_token_id))
+    vocab = tokenizer.get_vocab()
+    return MediaTokenIds(image=vocab[IMAGE_TOKEN], video=vocab[VIDEO_TOKEN], pad=int(tokenizer.pad_token_id))
 
 
 def media_token_ids(tokenizer: PreTrainedTokenizerBase) -> MediaTokenIds:

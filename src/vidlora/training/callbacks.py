@@ -298,7 +298,7 @@ class LossCurveWriter(TrainerCallback):
     def _write(self, args: TrainingArguments, state: TrainerState) -> None:
         if not state.is_world_process_zero:
             return
-        path = plot_loss_curve(state.log_history, Path(args.output_dir) / self.filename)
+        path = plot_loss_curve(state.log_history, Path(str(args.output_dir)) / self.filename)
         if path is not None:
             self.written = path
 

@@ -1,6 +1,6 @@
-"""The seed's command under DeepSpeed ZeRO-3 with two CPU processes equals one process.
+"""The original's command under DeepSpeed ZeRO-3 with two CPU processes equals one process.
 
-Two runs of the seed's flags on the tiny model, same seed, same global batch of 4 samples per step:
+Two runs of the original's flags on the tiny model, same seed, same global batch of 4 samples per step:
 
 * ZeRO-3: `deepspeed --num_gpus 2 --module vidlora.train --deepspeed configs/zero3.json`,
   per-device batch 1 x 2 processes x accumulation 2 (a subprocess, gloo on the CPU);
@@ -95,7 +95,7 @@ def mixed_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def zero3_flags(mixed_data_dir) -> dict[str, str]:
-    """Overrides of the seed's flags shared by every run here."""
+    """Overrides of the original's flags shared by every run here."""
     return {
         "data_path": str(mixed_data_dir / "train.json"),
         "video_folder": str(mixed_data_dir),
@@ -104,19 +104,21 @@ def zero3_flags(mixed_data_dir) -> dict[str, str]:
         "save_steps": "2",
         "per_device_eval_batch_size": "1",
         "disable_tqdm": "True",
-        # The seed keeps 1; 2 keeps checkpoint-2 as well, for the resume test.
+        # The original keeps 1; 2 keeps checkpoint-2 as well, for the resume test.
         "save_total_limit": "2",
         "per_device_train_batch_size": "1",
     }
 
 
 @pytest.fixture(scope="module")
-def both_runs(zero3_flags, seed_argv, train_in_process, tmp_path_factory):
+def both_runs(zero3_flags, original_argv, train_in_process, tmp_path_factory):
     """Run ZeRO-3 (2 processes) and one process; returns (zero3 dir, one-process dir, one-process trainer)."""
     zero3_dir = tmp_path_factory.mktemp("zero3")
-    _launch_zero3(seed_argv(zero3_dir, **zero3_flags, gradient_accumulation_steps="2", deepspeed=str(ZERO3)))
+    _launch_zero3(
+        original_argv(zero3_dir, **zero3_flags, gradient_accumulation_steps="2", deepspeed=str(ZERO3))
+    )
     single_dir = tmp_path_factory.mktemp("single")
-    single = train_in_process(seed_argv(single_dir, **zero3_flags, gradient_accumulation_steps="4"))
+    single = train_in_process(original_argv(single_dir, **zero3_flags, gradient_accumulation_steps="4"))
     return zero3_dir, single_dir, single
 
 
@@ -173,13 +175,13 @@ def test_zero3_checkpoint_loads_for_inference(both_runs):
     assert sorted(state) == sorted(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
 
 
-def test_zero3_resume_replays_the_zero3_run(both_runs, zero3_flags, seed_argv, tmp_path):
+def test_zero3_resume_replays_the_zero3_run(both_runs, zero3_flags, original_argv, tmp_path):
     # DeepSpeed restores its own shards (parameters, optimizer, per-rank RNG) from global_step2/.
     zero3_dir, _, _ = both_runs
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(zero3_dir / "checkpoint-2", out / "checkpoint-2")
-    argv = seed_argv(
+    argv = original_argv(
         out, **zero3_flags, gradient_accumulation_steps="2", deepspeed=str(ZERO3),
         resume_from_checkpoint=str(out / "checkpoint-2"),
     )  # fmt: skip
@@ -194,13 +196,15 @@ def test_zero3_resume_replays_the_zero3_run(both_runs, zero3_flags, seed_argv, t
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=TENSOR_TOL, msg=f"{name}: {key}")
 
 
-def test_zero3_projector_pretraining_equals_one_process(zero3_flags, seed_argv, train_in_process, tmp_path):
+def test_zero3_projector_pretraining_equals_one_process(
+    zero3_flags, original_argv, train_in_process, tmp_path
+):
     # Stage 1 (--tune_mm_mlp_adapter): only the projector trains and only it is written, also when
     # ZeRO-3 partitions it over the ranks.
     pretrain = {**zero3_flags, "lora_enable": "False", "tune_mm_mlp_adapter": "True", "learning_rate": "1e-3"}
     zero3_dir, single_dir = tmp_path / "zero3", tmp_path / "single"
-    _launch_zero3(seed_argv(zero3_dir, **pretrain, gradient_accumulation_steps="2", deepspeed=str(ZERO3)))
-    single = train_in_process(seed_argv(single_dir, **pretrain, gradient_accumulation_steps="4"))
+    _launch_zero3(original_argv(zero3_dir, **pretrain, gradient_accumulation_steps="2", deepspeed=str(ZERO3)))
+    single = train_in_process(original_argv(single_dir, **pretrain, gradient_accumulation_steps="4"))
     zero3_history = json.loads((zero3_dir / "trainer_state.json").read_text())["log_history"]
     assert _log(zero3_history, "loss") == pytest.approx(_log(single.state.log_history, "loss"), abs=LOSS_TOL)
     for directory in (zero3_dir, zero3_dir / f"checkpoint-{STEPS}"):
