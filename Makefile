@@ -20,12 +20,15 @@ setup: $(BIN)/vidlora
 demo: setup
 	$(BIN)/vidlora demo
 
-test: setup
-	$(BIN)/ruff check src tests benchmarks
+# ruff (lint and format), mypy (the package ships py.typed), then the default test suite.
+test: lint
 	$(BIN)/python -m pytest
 
+# The slow tests too (multi-process DeepSpeed runs need the venv's `deepspeed` launcher on PATH).
 test-all: setup
-	$(BIN)/python -m pytest -m ""
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m ""
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_pretrained(model_args.model_name_or_path, device="meta", **load_options(model_args))
         tokenizer = loaded.tokenizer
         processor = Processor.for_model(loaded.model.config, **processor_options(model_args, data_args))
+    assert data_args.data_path is not None  # parse_check_args requires --data_path
     report = run_check(
         data_args.data_path,
         processor,

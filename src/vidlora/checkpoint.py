@@ -149,11 +149,11 @@ def non_lora_trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and not is_lora_name(n)]
 
 
-def write_trainables(model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+def write_trainables(model: Any, directory: Path, state_dict: dict | None = None) -> None:
     """The non-LoRA trainables (safetensors, our names) and the model's config, next to an adapter.
 
-    ``state_dict`` is the Trainer's gathered one under ZeRO-3 (trainable parameters only);
-    without it the parameters are read from ``model`` directly.
+    ``model`` is PEFT-wrapped or not. ``state_dict`` is the Trainer's gathered one under ZeRO-3
+    (trainable parameters only); without it the parameters are read from ``model`` directly.
     """
     names = non_lora_trainable_names(model)
     if state_dict is None:

@@ -253,6 +253,7 @@ def _score_choices(loaded: Any, data_dir: Path) -> dict[str, Any]:
     jobs = [job for sample in load_records(data_dir / "eval.json") for job in jobs_of(sample)]
     for job in tqdm(jobs, desc="rank options"):
         qtype = sample_type(job.sample, job.turn)
+        assert qtype is not None  # the demo wrote these samples itself: each has a question type
         options = ANSWERS[qtype]
         video, images = resolve_media(job.sample, data_dir, data_dir)
         request = Request(job.sample.id, prompt_turns(job), video, list(images))

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from vidlora.training.callbacks import NonFiniteTrainingError
     from vidlora.training.recipe import run
 
+    assert train_args.output_dir is not None  # TrainingArguments.__post_init__ fills in a default
     Path(train_args.output_dir).mkdir(parents=True, exist_ok=True)
     try:
         run(model_args, data_args, train_args)

@@ -92,9 +92,9 @@ def check_media(job: MediaJob) -> MediaResult:
             result.problems.append((found[0].value, found[1], str(path)))
             continue
         try:
-            image = read_image(path)
-            job.processor.preprocess_image(image)
-            result.image_sizes.append(image.size)
+            decoded = read_image(path)
+            job.processor.preprocess_image(decoded)
+            result.image_sizes.append(decoded.size)
         except (MediaError, TimeoutError, ValueError) as exc:
             failed(path, exc)
     return result

@@ -46,7 +46,8 @@ class StopOnString(StoppingCriteria):
             self.stop in self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=False)
             for row in input_ids
         ]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        # A bool tensor; torch's stubs do not relate torch.tensor(dtype=torch.bool) to BoolTensor.
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 class Generator:

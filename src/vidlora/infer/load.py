@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -46,7 +46,7 @@ from vidlora.model.modeling import register_auto_classes
 class InferenceModel:
     """A model ready for generation, its tokenizer and the processor it was trained with."""
 
-    model: torch.nn.Module
+    model: Any  # VideoLlavaForCausalLM, or a PeftModel around it (an adapter not merged)
     tokenizer: Any
     processor: Processor
     description: str
@@ -97,7 +97,8 @@ def load_base(
 
         tokenizer = load_tokenizer(path, text_config=model.config.text_config)
         # Grow only: a vocabulary padded past the tokenizer (the -hf port's 32064 rows) stays as trained.
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        embeddings = cast(torch.nn.Embedding, model.get_input_embeddings())  # typed as a plain Module
+        if len(tokenizer) > embeddings.num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     processor = _processor(record, model.config)
     return InferenceModel(model, tokenizer, processor, f"adapter {path} on base {base_name}")

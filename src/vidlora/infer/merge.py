@@ -34,7 +34,9 @@ def hf_config_dict(config) -> dict:
     vision = tower.to_dict()
     for key in ("num_frames", "add_time_attn", "model_type", "transformers_version"):
         vision.pop(key, None)
-    hf = VideoLlavaConfig(
+    # Not a declared field of this config: transformers keeps extra keyword arguments as attributes,
+    # which the __init__ that its dataclass_transform declares does not show.
+    hf = VideoLlavaConfig(  # type: ignore[call-arg]
         vision_config={"model_type": "clip_vision_model", **vision},
         text_config=config.text_config.to_dict(),
         image_token_index=config.image_token_id,

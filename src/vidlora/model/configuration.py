@@ -8,7 +8,7 @@ tokenizer step and the model must agree on are derived here, in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -39,7 +39,7 @@ class LanguageBindVideoConfig(CLIPVisionConfig):
             raise ValueError(f"video tower num_frames must be >= 1, got {self.num_frames}")
 
 
-def _as_video_config(config: PreTrainedConfig | dict | None) -> LanguageBindVideoConfig | dict | None:
+def _as_video_config(config: PreTrainedConfig | dict | None) -> PreTrainedConfig | dict | None:
     """Upgrade a plain `CLIPVisionConfig` (e.g. read from a LanguageBind checkpoint) to the video config.
 
     Fields the plain config carries as extra attributes (`num_frames`, `add_time_attn`) are kept.
@@ -95,7 +95,8 @@ class VideoLlavaConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
-        self.video_config = _as_video_config(self.video_config)
+        # Before `super().__post_init__` the field may still be a dict; transformers builds it then.
+        self.video_config = cast("LanguageBindVideoConfig | None", _as_video_config(self.video_config))
         super().__post_init__(**kwargs)
         self._check_towers()
         if self.prompt_tokenization not in PROMPT_TOKENIZATIONS:
@@ -115,7 +116,7 @@ class VideoLlavaConfig(PreTrainedConfig):
         if len(widths) > 1:
             raise ValueError(
                 f"image and video towers must have the same hidden size (they share mm_projector), got "
-                f"image {self.image_config.hidden_size} and video {self.video_config.hidden_size}"
+                f"image {towers[0].hidden_size} and video {towers[1].hidden_size}"
             )
         for tower in towers:
             # hidden_states has num_hidden_layers + 1 entries (0 = after pre_layrnorm).
@@ -139,14 +140,14 @@ class VideoLlavaConfig(PreTrainedConfig):
         """Feature tokens per image: (S // P) ** 2 patches (CLS dropped)."""
         if self.image_config is None:
             raise ValueError("image_seq_length is undefined: the config has no image tower")
-        return _num_patches(self.image_config)
+        return num_patches(self.image_config)
 
     @property
     def frame_seq_length(self) -> int:
         """Feature tokens per video frame: (S // P) ** 2 patches + CLS."""
         if self.video_config is None:
             raise ValueError("frame_seq_length is undefined: the config has no video tower")
-        return _num_patches(self.video_config) + 1
+        return num_patches(self.video_config) + 1
 
     @property
     def num_frames(self) -> int:
@@ -161,9 +162,20 @@ class VideoLlavaConfig(PreTrainedConfig):
         return self.num_frames * self.frame_seq_length
 
 
-def _num_patches(config: CLIPVisionConfig) -> int:
-    """Patches per frame of a square ViT input."""
-    return (config.image_size // config.patch_size) ** 2
+def tower_side(config: CLIPVisionConfig, name: Literal["image_size", "patch_size"] = "image_size") -> int:
+    """`image_size` or `patch_size` of a tower config as one int (the side of a square ViT input).
+
+    transformers also allows a (height, width) pair or None there; a Video-LLaVA tower is square.
+    """
+    value = getattr(config, name)
+    if not isinstance(value, int):
+        raise TypeError(f"tower config {name} must be a single int (a square ViT input), got {value!r}")
+    return value
+
+
+def num_patches(config: CLIPVisionConfig) -> int:
+    """Patches per frame of a square ViT input: (S // P) ** 2."""
+    return (tower_side(config, "image_size") // tower_side(config, "patch_size")) ** 2
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ def lora_parameter_count(model: nn.Module, r: int) -> int:
     total = 0
     for name in lora_target_module_names(model):
         linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)  # lora_target_module_names lists nn.Linear modules only
         total += r * (linear.in_features + linear.out_features)
     return total
 

@@ -28,7 +28,7 @@ from transformers import CONFIG_MAPPING, CLIPVisionConfig, PreTrainedConfig
 
 from vidlora.errors import NotFoundError, UsageError
 from vidlora.model import keymaps
-from vidlora.model.configuration import MODEL_TYPE, LanguageBindVideoConfig, VideoLlavaConfig
+from vidlora.model.configuration import MODEL_TYPE, LanguageBindVideoConfig, VideoLlavaConfig, num_patches
 from vidlora.model.hub import keys_of, read_config, resolve_directory, weight_files
 from vidlora.model.report import LoadReport
 
@@ -119,6 +119,12 @@ def tower_config(raw: dict[str, Any], *, video: bool, where: str, notes: list[st
     return LanguageBindVideoConfig(**fields)
 
 
+def _video_tower(config: CLIPVisionConfig | None) -> LanguageBindVideoConfig | None:
+    """A video tower's config as `tower_config(..., video=True)` built it (always the video config)."""
+    assert config is None or isinstance(config, LanguageBindVideoConfig)
+    return config
+
+
 def _text_config(raw: dict[str, Any], *, default_type: str = "llama") -> PreTrainedConfig:
     fields = {k: v for k, v in raw.items() if k not in ("transformers_version", "architectures")}
     model_type = fields.pop("model_type", default_type)
@@ -154,7 +160,7 @@ def _from_hf(raw: dict[str, Any], report: LoadReport) -> VideoLlavaConfig:
     vision = raw.get("vision_config") or {}
     image_config = tower_config(vision, video=False, where="-hf vision_config", notes=report.notes)
     video_fields = {k: getattr(image_config, k) for k in _VISION_FIELDS}
-    n_per_frame = (image_config.image_size // image_config.patch_size) ** 2 + 1
+    n_per_frame = num_patches(image_config) + 1
     video_seq = raw.get("video_seq_length", 8 * n_per_frame)
     if video_seq % n_per_frame:
         raise UsageError(
@@ -244,7 +250,7 @@ def _from_original(
         prompt_tokenization="split_at_media",  # the original's tokenizer_image_token
         text_config=_llava_text_config(raw),
         image_config=towers["image_tower"],
-        video_config=towers["video_tower"],
+        video_config=_video_tower(towers["video_tower"]),
         # The original's default when the key is absent (ModelArguments.mm_projector_type).
         mm_projector_type=raw.get("mm_projector_type", "linear"),
         mm_vision_select_layer=_select_layer(raw.get("mm_vision_select_layer", -2), str(root)),
@@ -284,7 +290,7 @@ def _from_llm(
         prompt_tokenization="split_at_media",  # trained the original's way
         text_config=_text_config(raw),
         image_config=towers["image_tower"],
-        video_config=towers["video_tower"],
+        video_config=_video_tower(towers["video_tower"]),
         mm_projector_type="mlp2x_gelu",  # Video-LLaVA's; load_pretrained(mm_projector_type=...) overrides
     )
     return config, sources

@@ -14,11 +14,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vidlora.errors import UsageError
 from vidlora.model import keymaps
@@ -27,6 +27,9 @@ from vidlora.model.hub import read_config, read_tensors, resolve_directory
 from vidlora.model.layouts import WeightSource, detect_layout, plan_load
 from vidlora.model.report import CheckpointLoadError, LoadReport, SourceReport
 from vidlora.model.tokenizer import load_tokenizer, media_token_ids
+
+if TYPE_CHECKING:
+    from vidlora.model.modeling import VideoLlavaForCausalLM
 
 PRESETS = ("tiny", "videollava-7b")
 
@@ -38,7 +41,7 @@ class LoadedModel:
     `tokenizer` is None only for the ``videollava-7b`` preset (its tokenizer cannot be built offline).
     """
 
-    model: nn.Module
+    model: VideoLlavaForCausalLM
     tokenizer: PreTrainedTokenizerBase | None
     report: LoadReport
 
@@ -119,7 +122,7 @@ def load_pretrained(
     report.temporal_attention = _has_temporal(config)
     _fit_tokenizer(model, tokenizer, report)
     if not meta:
-        model.to(device=device)
+        model.to(device=device)  # type: ignore[call-arg]  # @wraps(nn.Module.to) hides `self`
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, report=report)
 
@@ -150,7 +153,7 @@ def _load_preset(
     report.temporal_attention = _has_temporal(model.config)
     resolved = _resolve_dtype(dtype, {})
     if device.type != "meta":
-        model.to(device=device, dtype=resolved)
+        model.to(device=device, dtype=resolved)  # type: ignore[call-arg]  # @wraps(nn.Module.to) hides `self`
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, report=report)
 
@@ -169,7 +172,7 @@ def _resolve_dtype(torch_dtype: torch.dtype | str | None, raw: dict[str, Any]) -
     return dtype
 
 
-def _build_empty(config: VideoLlavaConfig) -> nn.Module:
+def _build_empty(config: VideoLlavaConfig) -> VideoLlavaForCausalLM:
     """The model with parameters on the meta device and buffers real (they are not in checkpoints)."""
     from accelerate import init_empty_weights
 
@@ -204,7 +207,12 @@ def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _assign_weights(
-    model: nn.Module, sources: list[WeightSource], dtype: torch.dtype, report: LoadReport, *, fresh_ok: bool
+    model: VideoLlavaForCausalLM,
+    sources: list[WeightSource],
+    dtype: torch.dtype,
+    report: LoadReport,
+    *,
+    fresh_ok: bool,
 ) -> None:
     """Place every source tensor into the meta-built model (assign), accounting for each one."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -256,7 +264,7 @@ def _assign_weights(
     _retie(model)
 
 
-def _retie(model: nn.Module) -> None:
+def _retie(model: PreTrainedModel) -> None:
     """Assigning tensors (and building on meta) leaves declared ties undone; restore them."""
     if getattr(model, "all_tied_weights_keys", None):
         model.tie_weights()
@@ -274,8 +282,9 @@ def _materialise_fresh(model: nn.Module, report: LoadReport, dtype: torch.dtype,
         for owner in owners:
             module = model.get_submodule(owner)
             module.to_empty(device="cpu", recurse=False)
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+            reset_parameters = getattr(module, "reset_parameters", None)
+            if reset_parameters is not None:
+                reset_parameters()
             else:
                 for param in module.parameters(recurse=False):
                     nn.init.normal_(param, std=0.02)
@@ -292,7 +301,9 @@ def _has_temporal(config: VideoLlavaConfig) -> bool | None:
     return None if video is None else bool(getattr(video, "add_time_attn", False))
 
 
-def _fit_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, report: LoadReport) -> None:
+def _fit_tokenizer(
+    model: VideoLlavaForCausalLM, tokenizer: PreTrainedTokenizerBase, report: LoadReport
+) -> None:
     """Make the embeddings cover the tokenizer and record the media token ids in the config."""
     ids = media_token_ids(tokenizer)
     config = model.config
@@ -312,8 +323,8 @@ def _fit_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, report:
     ):
         if generation_config is not None:
             generation_config.pad_token_id = ids.pad
-    llm = model.get_submodule("language_model")
-    rows = llm.get_input_embeddings().weight.shape[0]
+    llm = model.language_model
+    rows = _weight(llm.get_input_embeddings()).shape[0]
     if len(tokenizer) > rows:
         _resize_embeddings(llm, len(tokenizer))
         config.text_config.vocab_size = len(tokenizer)
@@ -324,18 +335,29 @@ def _fit_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, report:
 
 
 @torch.no_grad()
-def _resize_embeddings(llm: nn.Module, rows: int) -> None:
-    old = llm.get_input_embeddings().weight.shape[0]
+def _resize_embeddings(llm: PreTrainedModel, rows: int) -> None:
+    old = _weight(llm.get_input_embeddings()).shape[0]
     llm.resize_token_embeddings(rows, mean_resizing=False)
     for emb in _unique_embeddings(llm):
         if not emb.is_meta:
             emb[old:] = emb[:old].mean(dim=0, keepdim=True)
 
 
-def _unique_embeddings(llm: nn.Module) -> Iterable[torch.Tensor]:
+def _unique_embeddings(llm: PreTrainedModel) -> Iterable[torch.Tensor]:
     seen: set[int] = set()
     out_emb = llm.get_output_embeddings()
     for module in (llm.get_input_embeddings(), out_emb):
-        if module is not None and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            yield module.weight.data
+        if module is None:
+            continue
+        weight = _weight(module)
+        if id(weight) not in seen:
+            seen.add(id(weight))
+            yield weight.data
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """An embedding's or output head's weight (torch types module attributes as `Tensor | Module`)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor")
+    return weight

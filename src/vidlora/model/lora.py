@@ -29,6 +29,8 @@ PEFT_PREFIX = "base_model.model."
 LORA_MARKER = "lora_"
 # The output head stays a plain linear layer in the original (and in PEFT's own defaults).
 _EXCLUDED_LEAVES = frozenset({"lm_head"})
+#: PEFT's `LoraConfig.bias` values (`--lora_bias`).
+LoraBias = Literal["none", "all", "lora_only"]
 
 
 def lora_target_module_names(model: nn.Module) -> list[str]:
@@ -74,7 +76,7 @@ def build_lora_config(
     r: int,
     alpha: int,
     dropout: float = 0.05,
-    bias: Literal["none", "all", "lora_only"] = "none",
+    bias: LoraBias = "none",
 ) -> LoraConfig:
     """The original recipe's LoRA config (task CAUSAL_LM) on ``model``'s LLM (:func:`lora_target_modules`)."""
     from peft import LoraConfig

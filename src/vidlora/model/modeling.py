@@ -10,18 +10,25 @@ on every media position.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPVisionEmbeddings
 
-from vidlora.model.configuration import MODEL_TYPE, VideoLlavaConfig
+from vidlora.model.configuration import MODEL_TYPE, VideoLlavaConfig, tower_side
 from vidlora.model.projector import build_projector
 from vidlora.model.towers import ClipVisionTower, LanguageBindEncoderLayer, LanguageBindVideoTower
 
@@ -46,16 +53,20 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
     config: VideoLlavaConfig
     config_class = VideoLlavaConfig
     main_input_name = "input_ids"
-    input_modalities = ("image", "video", "text")
+    input_modalities = ("image", "video", "text")  # type: ignore[assignment]  # base: str | list[str]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
     # The LLM's own `_no_split_modules` (e.g. LlamaDecoderLayer) are gathered from it in post_init too.
-    _no_split_modules = ("LlamaDecoderLayer", "CLIPEncoderLayer", "LanguageBindEncoderLayer")
+    _no_split_modules = (  # type: ignore[assignment]  # base: set | list (post_init makes it a set)
+        "LlamaDecoderLayer",
+        "CLIPEncoderLayer",
+        "LanguageBindEncoderLayer",
+    )
     # Nothing of ours is tied; the LLM declares its own lm_head <-> embed_tokens tie (when its config
     # says so) and post_init collects it as `language_model.lm_head.weight`.
-    _tied_weights_keys = None
+    _tied_weights_keys = None  # type: ignore[assignment]  # base declares dict[str, str] yet defaults to None
 
     def __init__(self, config: VideoLlavaConfig) -> None:
         super().__init__(config)
@@ -68,7 +79,9 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
         # inside deepspeed.zero.Init (partitioned, rank-dependent random init) while the towers are
         # whole. The loader assigns checkpoint weights into a whole model; DeepSpeed partitions it
         # when the engine starts.
-        llm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+        # The model mappings hold classes; transformers annotates every lazy mapping's values as the
+        # tokenizer mapping's (slow, fast) pair.
+        llm_class = cast("type[PreTrainedModel]", MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)])
         self.language_model = llm_class(config.text_config)
         self.image_tower = ClipVisionTower(config.image_config) if config.image_config is not None else None
         self.video_tower = (
@@ -94,6 +107,8 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
             init.normal_(module.position_embedding.weight, std=module.config.initializer_range * factor)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
         elif isinstance(module, CLIPAttention):
+            # Only the towers hold CLIP attention, built from vision configs (a float initializer_factor).
+            assert isinstance(module.config, CLIPVisionConfig)
             factor = module.config.initializer_factor
             in_std = (module.embed_dim**-0.5) * ((2 * module.config.num_hidden_layers) ** -0.5) * factor
             for proj in (module.q_proj, module.k_proj, module.v_proj):
@@ -163,6 +178,7 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
             return tower(pixel_values.to(dtype=tower.dtype))[self.config.mm_vision_select_layer]
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
+        assert self.mm_projector is not None  # built whenever there is a tower to give features
         weight = next(self.mm_projector.parameters(), None)
         if weight is not None:
             features = features.to(weight.dtype)
@@ -227,15 +243,16 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
         (and, under ZeRO-3, gathers its parameters) at the same point as the ranks that have it.
         """
         if modality == "image":
-            size = self.config.image_config.image_size
-            dummy = torch.zeros(
-                1, 3, size, size, device=self.image_tower.device, dtype=self.image_tower.dtype
-            )
+            image_config, image_tower = self.config.image_config, self.image_tower
+            assert image_config is not None and image_tower is not None  # called for a present tower only
+            size = tower_side(image_config)
+            dummy = torch.zeros(1, 3, size, size, device=image_tower.device, dtype=image_tower.dtype)
             return self.get_image_features(dummy).float().sum() * 0.0
-        vc = self.config.video_config
+        vc, video_tower = self.config.video_config, self.video_tower
+        assert vc is not None and video_tower is not None  # called for a present tower only
         dummy = torch.zeros(
-            1, vc.num_frames, 3, vc.image_size, vc.image_size,
-            device=self.video_tower.device, dtype=self.video_tower.dtype,
+            1, vc.num_frames, 3, tower_side(vc), tower_side(vc),
+            device=video_tower.device, dtype=video_tower.dtype,
         )  # fmt: skip
         return self.get_video_features(dummy).float().sum() * 0.0
 

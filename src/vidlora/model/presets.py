@@ -162,8 +162,9 @@ def build_config(
             `video_config` take a dict merged into the preset's fields, or None to drop a tower.
     """
     preset = get_preset(name)
+    text_fields: dict[str, Any] = dict(preset.text)
     sections: dict[str, dict[str, Any] | None] = {
-        "text_config": dict(preset.text),
+        "text_config": text_fields,
         "image_config": dict(preset.image) if preset.image is not None else None,
         "video_config": dict(preset.video) if preset.video is not None else None,
     }
@@ -173,26 +174,28 @@ def build_config(
 
         tok = tokenizer if tokenizer is not None else _build_tiny_tokenizer()
         ids = add_media_tokens(tok)
-        sections["text_config"].update(
-            vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
-        )
+        text_fields.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         fields.update(image_token_id=ids.image, video_token_id=ids.video, pad_token_id=ids.pad)
     for key, value in overrides.items():
         if key in sections:
+            section = sections[key]
             if value is None:
                 sections[key] = None
             elif not isinstance(value, Mapping):
                 raise ValueError(
                     f"override {key} must be a dict of fields or None, got {type(value).__name__}"
                 )
-            elif sections[key] is None:
+            elif section is None:
                 raise ValueError(f"preset {name!r} has no {key.replace('_config', '')} tower to override")
             else:
-                sections[key].update(value)
+                section.update(value)
         else:
             fields[key] = value
+    text = sections["text_config"]
+    if text is None:
+        raise ValueError("override text_config must be a dict of fields: the model needs its language model")
     return VideoLlavaConfig(
-        text_config=LlamaConfig(**sections["text_config"]),
+        text_config=LlamaConfig(**text),
         image_config=CLIPVisionConfig(**sections["image_config"]) if sections["image_config"] else None,
         video_config=LanguageBindVideoConfig(**sections["video_config"])
         if sections["video_config"]
@@ -234,5 +237,5 @@ def build_preset(
         torch.manual_seed(seed)
         model = VideoLlavaForCausalLM(config)
     if target != build_on:
-        model.to(target)
+        model.to(target)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides `self`
     return model.eval(), tokenizer

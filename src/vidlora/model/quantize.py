@@ -27,8 +27,11 @@ ZeRO-2 or no DeepSpeed with ``--bits``, as the original's QLoRA scripts do).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from vidlora.model.lora import lora_target_module_names
 
@@ -37,6 +40,8 @@ QUANT_TYPES = ("nf4", "fp4")
 # The original's BitsAndBytesConfig default (LLM.int8(): outlier columns above 6.0 stay in fp16).
 INT8_THRESHOLD = 6.0
 _INSTALL_HINT = "pip install 'vidlora[qlora]'"
+
+_Model = TypeVar("_Model", bound=PreTrainedModel)
 
 
 def _import_bnb():
@@ -97,14 +102,14 @@ def _quantized_linear(
 
 
 def quantize_language_model(
-    model: nn.Module,
+    model: _Model,
     bits: int,
     compute_dtype: torch.dtype = torch.bfloat16,
     double_quant: bool = True,
     quant_type: str = "nf4",
     gradient_checkpointing: bool = False,
     device: torch.device | str | None = None,
-) -> nn.Module:
+) -> _Model:
     """Quantize `model.language_model`'s linear layers (not `lm_head`) in place and prepare k-bit training.
 
     Args:
@@ -152,6 +157,7 @@ def quantize_language_model(
     target = torch.device(device) if device is not None else None
     for name in lora_target_module_names(model):
         linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)  # lora_target_module_names lists nn.Linear modules only
         where = target if target is not None else linear.weight.device
         model.set_submodule(
             name, _quantized_linear(linear, bits, compute_dtype, double_quant, quant_type, where)
@@ -160,8 +166,8 @@ def quantize_language_model(
     # PEFT picks its bitsandbytes LoRA layers (lora.bnb.Linear4bit / Linear8bitLt: merge and unmerge
     # dequantize) only when the model it wraps says so; from_pretrained sets the same attributes.
     for part in (model, llm):
-        part.is_loaded_in_4bit = bits == 4
-        part.is_loaded_in_8bit = bits == 8
+        for attr, value in (("is_loaded_in_4bit", bits == 4), ("is_loaded_in_8bit", bits == 8)):
+            setattr(part, attr, value)  # plain attributes (nn.Module's __setattr__ is typed for tensors)
 
     # On the LLM alone: freezes it and casts its fp16/bf16 parameters (norms, embeddings, lm_head)
     # to float32 for stable training; checkpointing is left to the Trainer.

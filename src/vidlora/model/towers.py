@@ -42,7 +42,8 @@ class LanguageBindEncoderLayer(CLIPEncoderLayer):
         """Run the temporal step (if any) and the spatial CLIP block on `[(B*T), N, D]`."""
         if self.add_time_attn:
             hidden_states = self._temporal(hidden_states)
-        return super().forward(hidden_states, attention_mask, **kwargs)
+        # CLIP's attention takes attention_mask=None; CLIPEncoderLayer annotates it as a Tensor only.
+        return super().forward(hidden_states, attention_mask, **kwargs)  # type: ignore[arg-type]
 
     def _temporal(self, hidden_states: torch.Tensor) -> torch.Tensor:
         bt, n, d = hidden_states.shape
@@ -86,12 +87,12 @@ class ClipVisionTower(nn.Module):
         self.config = config
         self.embeddings = CLIPVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.encoder = VisionEncoder(self._make_layers(config))
+        self.encoder = VisionEncoder(self._make_layers())
         # Unused by Video-LLaVA's features, kept so that LanguageBind checkpoints load without leftovers.
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def _make_layers(self, config: CLIPVisionConfig) -> list[nn.Module]:
-        return [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
+    def _make_layers(self) -> list[nn.Module]:
+        return [CLIPEncoderLayer(self.config) for _ in range(self.config.num_hidden_layers)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,8 +130,8 @@ class LanguageBindVideoTower(ClipVisionTower):
     def __init__(self, config: LanguageBindVideoConfig) -> None:
         super().__init__(config)
 
-    def _make_layers(self, config: CLIPVisionConfig) -> list[nn.Module]:
-        return [LanguageBindEncoderLayer(config) for _ in range(config.num_hidden_layers)]
+    def _make_layers(self) -> list[nn.Module]:
+        return [LanguageBindEncoderLayer(self.config) for _ in range(self.config.num_hidden_layers)]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """All hidden states of a batch of videos `[B, T, 3, H, W]`, each `[B, T, N, D]`."""

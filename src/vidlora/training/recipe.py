@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,7 +30,12 @@ from vidlora.args import (
 from vidlora.checkpoint import BaseModel, RunRecord
 from vidlora.data.dataset import SupervisedDataset, train_eval_split
 from vidlora.data.processor import Processor
+from vidlora.errors import UsageError
 from vidlora.model.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from vidlora.model.lora import LoraBias
+    from vidlora.model.modeling import VideoLlavaForCausalLM
 
 
 def load_dtype(train_args: TrainingArguments) -> torch.dtype:
@@ -68,7 +73,9 @@ def set_trainable_dtype(model: torch.nn.Module, dtype: torch.dtype, *, deepspeed
             param.data = param.data.to(target)
 
 
-def apply_training_recipe(model: torch.nn.Module, model_args: ModelArguments, train_args: TrainingArguments):
+def apply_training_recipe(
+    model: VideoLlavaForCausalLM, model_args: ModelArguments, train_args: TrainingArguments
+):
     """Quantize (``--bits``), freeze and wrap with LoRA as the flags say; returns the model to train."""
     from vidlora.model.lora import apply_recipe, build_lora_config
 
@@ -82,26 +89,31 @@ def apply_training_recipe(model: torch.nn.Module, model_args: ModelArguments, tr
             compute_dtype=load_dtype(train_args),
             double_quant=train_args.double_quant,
             quant_type=train_args.quant_type,
-            gradient_checkpointing=train_args.gradient_checkpointing,
+            # TrainingArguments mirrors activation_checkpointing here (a bool once parsed).
+            gradient_checkpointing=bool(train_args.gradient_checkpointing),
         )
     train_llm = not (model_args.freeze_backbone or model_args.tune_mm_mlp_adapter)
     if not train_llm:
         model.language_model.requires_grad_(False)
     lora_config = None
     if train_args.lora_enable and not model_args.tune_mm_mlp_adapter:
+        # One of LORA_BIASES: parse_train_args rejects anything else (training_problems).
+        bias = cast("LoraBias", train_args.lora_bias)
         lora_config = build_lora_config(
-            model, train_args.lora_r, train_args.lora_alpha, train_args.lora_dropout, train_args.lora_bias
+            model, train_args.lora_r, train_args.lora_alpha, train_args.lora_dropout, bias
         )
     base = model
-    model = apply_recipe(model, lora_config, train_llm=train_llm)
+    trained = apply_recipe(base, lora_config, train_llm=train_llm)
     if train_args.freeze_mm_mlp_adapter:
+        if base.mm_projector is None:
+            raise UsageError("--freeze_mm_mlp_adapter: the model has no projector (it has no tower)")
         base.mm_projector.requires_grad_(False)
-    set_trainable_dtype(model, load_dtype(train_args), deepspeed=bool(train_args.deepspeed))
+    set_trainable_dtype(trained, load_dtype(train_args), deepspeed=bool(train_args.deepspeed))
     if train_args.gradient_checkpointing:
         # LoRA leaves the embeddings frozen; without inputs that require grad, re-entrant
         # checkpointing would cut the graph and the adapters would get no gradient.
         base.enable_input_require_grads()
-    return model
+    return trained
 
 
 def trainable_report(model: torch.nn.Module) -> str:
@@ -138,6 +150,8 @@ def load_model_and_data(model_args: ModelArguments, data_args: DataArguments, tr
     before quantization, LoRA or the first step. Returns ``(loaded, processor, train_set, eval_set)``.
     """
     loaded = load_model(model_args, train_args)
+    # Only the shape-only videollava-7b preset comes without a tokenizer, and it never loads for training.
+    assert loaded.tokenizer is not None
     processor = Processor.for_model(loaded.model.config, **processor_options(model_args, data_args))
     train_set, eval_set = build_datasets(data_args, train_args, processor, loaded.tokenizer)
     return loaded, processor, train_set, eval_set

@@ -106,8 +106,7 @@ class VidloraTrainer(Trainer):
         """
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         engine = getattr(self, "deepspeed", None)
-        zero3 = engine is not None and engine.zero_optimization_stage() == 3
-        if zero3 and trains_projector_only(model):
+        if engine is not None and engine.zero_optimization_stage() == 3 and trains_projector_only(model):
             state_dict = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
             self._save(output_dir or self.args.output_dir, state_dict=state_dict)
             return
@@ -120,6 +119,7 @@ class VidloraTrainer(Trainer):
         parameters only); otherwise we read the parameters directly.
         """
         output_dir = output_dir or self.args.output_dir
+        assert output_dir is not None  # TrainingArguments.__post_init__ fills in a default output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if trains_projector_only(model):
             # Pre-training (--tune_mm_mlp_adapter) changes the projector alone: a full copy of the
@@ -140,6 +140,7 @@ class VidloraTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The Trainer restores the adapter; the projector comes from our own file."""
         target = model or self.model
+        assert target is not None  # the Trainer resumes into the model it trains
         projector_file = Path(resume_from_checkpoint) / NON_LORA_FILE
         if trains_projector_only(self.accelerator.unwrap_model(target, keep_torch_compile=False)):
             if not projector_file.is_file():
