@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from vidlora.args import load_options, parse_check_args, processor_options
+from vidlora.errors import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vidlora check: processor settings of {path}", file=sys.stderr)
     else:
         loaded = load_pretrained(model_args.model_name_or_path, device="meta", **load_options(model_args))
+        if loaded.tokenizer is None:
+            raise UsageError(
+                f"{model_args.model_name_or_path} has no tokenizer (a shape-only preset); pass the checkpoint "
+                "you will train, e.g. --model_name_or_path LanguageBind/Video-LLaVA-7B"
+            )
         tokenizer = loaded.tokenizer
         processor = Processor.for_model(loaded.model.config, **processor_options(model_args, data_args))
     assert data_args.data_path is not None  # parse_check_args requires --data_path

@@ -19,7 +19,7 @@ read with ``weights_only=True``) are read by :mod:`vidlora.infer.load`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from vidlora.data.processor import MEDIA_MODALITIES, Processor
 from vidlora.errors import UsageError
+from vidlora.model.configuration import ConfigOverrides
 from vidlora.model.lora import is_lora_name, strip_peft_prefix
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -74,7 +75,7 @@ class RunRecord:
             self.processor.check_model(config)
             return self.processor
         old = self.legacy or {}
-        return Processor.for_model(
+        processor = Processor.for_model(
             config,
             template=old.get("template", "v1"),
             image_aspect_ratio=old.get("image_aspect_ratio", "pad"),
@@ -82,14 +83,14 @@ class RunRecord:
             tokenizer_model_max_length=old.get("tokenizer_model_max_length"),
             modalities=old.get("modalities") or MEDIA_MODALITIES,
         )
+        # vidlora 0.1 tokenized text after a placeholder as text after a special token, whatever the layout.
+        return replace(processor, prompt_tokenization="whole_prompt")
 
     @property
-    def config_overrides(self):
+    def config_overrides(self) -> ConfigOverrides:
         """The overrides that rebuild the trained model from its base (see `Processor.config_overrides`)."""
         if self.processor is not None:
             return self.processor.config_overrides
-        from vidlora.model.configuration import ConfigOverrides
-
         old = self.legacy or {}
         return ConfigOverrides(
             mm_vision_select_layer=(old.get("model_args") or {}).get("mm_vision_select_layer"),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 # name -> (module exposing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("vidlora.model.info", "parameter counts per part, trainable vs frozen under a LoRA recipe"),
+    "info": ("vidlora.info", "parameter counts per part, trainable vs frozen under a LoRA recipe"),
     "synth": ("vidlora.data.synthetic", "write a synthetic video/image QA dataset (real mp4 files)"),
     "check": ("vidlora.check", "read every sample the way training would and report every problem"),
     "train": (

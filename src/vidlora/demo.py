@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vidlora.data.synthetic import ANSWERS
+from vidlora.errors import AlreadyExistsError
 from vidlora.jsonl import read_jsonl
 
 # Question types in the order the table shows them (motion first: it needs several frames).
@@ -219,11 +220,11 @@ def format_examples(
 
 def _score(model_path: str, data_dir: Path, out: Path, loaded: Any, config: DemoConfig) -> dict[str, Any]:
     from vidlora.eval.score import score_predictions
-    from vidlora.infer.predict import build_parser, predict
+    from vidlora.infer.predict import PredictOptions, predict
 
     # predict() resumes from an existing file; a demo run always starts from scratch.
     out.unlink(missing_ok=True)
-    args = build_parser().parse_args(
+    options = PredictOptions.from_argv(
         [
             "--model_path", model_path,
             "--data_path", str(data_dir / "eval.json"),
@@ -234,7 +235,7 @@ def _score(model_path: str, data_dir: Path, out: Path, loaded: Any, config: Demo
             "--max_new_tokens", str(config.max_new_tokens),
         ]
     )  # fmt: skip
-    predict(args, loaded=loaded)
+    predict(options, loaded=loaded)
     return score_predictions(read_predictions(out))
 
 
@@ -270,7 +271,7 @@ def _score_choices(loaded: Any, data_dir: Path) -> dict[str, Any]:
 def _prepare_out(out: Path, overwrite: bool) -> None:
     existing = [p.name for p in (out / DATA_DIR, out / TRAIN_DIR, out / METRICS_FILE) if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(
+        raise AlreadyExistsError(
             f"{out} already holds a demo run ({existing}); pass --overwrite or choose another --out"
         )
     for name in (DATA_DIR, TRAIN_DIR):
@@ -412,20 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     """`vidlora demo`: run the pipeline, print the before/after table; returns the exit status."""
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    try:
-        metrics = run_demo(config, overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as err:
-        print(f"vidlora demo: error: {err}", file=sys.stderr)
-        return 2
+    metrics = run_demo(config, overwrite=args.overwrite)
     print(format_table(metrics["before"], metrics["after"]))
     print(
         f"\nwall time {metrics['timing_s']['total']:.0f} s; wrote {config.out}/{METRICS_FILE}, "
         f"{LOSS_FILE}, {EXAMPLES_FILE}"
     )
     return 0
-
-
-if __name__ == "__main__":
-    from vidlora.cli import run_command
-
-    raise SystemExit(run_command("demo", main, sys.argv[1:]))

@@ -21,3 +21,7 @@ class UsageError(VidloraError, ValueError):
 
 class NotFoundError(VidloraError, FileNotFoundError):
     """A file or directory the user named does not exist (or is not what was expected)."""
+
+
+class AlreadyExistsError(VidloraError, FileExistsError):
+    """An output the user named already holds something a command will not overwrite unasked."""

@@ -258,3 +258,14 @@ if __name__ == "__main__":  # print the docs table: python tests/data/test_origi
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {name: write_sp_tokenizer(Path(tmp) / name, legacy=value) for name, value in LEGACY.items()}
         print(markdown_table(dirs))
+
+
+def test_added_tokens_json_keeps_its_ids_and_the_media_tokens_follow(tmp_path):
+    """LLaVA-family checkpoints that added a pad token ship it in added_tokens.json (after the pieces)."""
+    from hub_repos import SP_VOCAB_SIZE
+
+    directory = write_sp_tokenizer(tmp_path / "t", legacy=None, added_tokens={"[PAD]": SP_VOCAB_SIZE})
+    tokenizer = vidlora_tokenizer(directory)
+    ids = tokenizer.convert_tokens_to_ids(["[PAD]", "<image>", "<video>", "<pad>"])
+    assert ids == [SP_VOCAB_SIZE, SP_VOCAB_SIZE + 1, SP_VOCAB_SIZE + 2, SP_VOCAB_SIZE + 3]
+    assert len(tokenizer) == SP_VOCAB_SIZE + 4 and tokenizer.pad_token == "<pad>"

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vidlora.data.synthetic import generate_dataset, main, plan_split, render_frame
+from vidlora.cli import main as vidlora
+from vidlora.data.synthetic import generate_dataset, plan_split, render_frame
 
 SIZE, FRAMES = 64, 16
 BACKGROUND = np.array([32, 32, 32])
@@ -319,13 +320,13 @@ def test_first_frame_does_not_reveal_direction() -> None:
 
 def test_main_writes_dataset_and_refuses_to_mix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    assert main(["--out", str(out), "--train", "20", "--eval", "10", "--seed", "0"]) == 0
+    assert vidlora(["synth", "--out", str(out), "--train", "20", "--eval", "10", "--seed", "0"]) == 0
     assert len(_load(out / "train.json")) == 20 and len(_load(out / "eval.json")) == 10
     # train: 12 video + 1 video+image samples; eval: 6 video + 0 (largest-remainder rounding)
     assert len(list((out / "videos").glob("*.mp4"))) == 13 + 6
     printed = capsys.readouterr().out
     assert "train: 20 samples" in printed and "libx264" in printed
-    assert main(["--out", str(out), "--train", "2", "--eval", "1"]) == 2
+    assert vidlora(["synth", "--out", str(out), "--train", "2", "--eval", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from vidlora.cli import main as vidlora
 from vidlora.demo import (
     QUESTION_TYPES,
     DemoConfig,
     format_table,
-    main,
     overall_chance_accuracy,
     run_demo,
     summarize,
@@ -79,7 +79,7 @@ def test_small_demo_writes_metrics_loss_curve_and_examples(tmp_path: Path) -> No
     assert "- reference: `" in examples and "- after: `" in examples
 
     # A second run into the same folder must be asked for explicitly.
-    assert main(["--out", str(out), "--train", "4", "--eval", "2", "--steps", "1"]) == 2
+    assert vidlora(["demo", "--out", str(out), "--train", "4", "--eval", "2", "--steps", "1"]) == 2
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from vidlora.data.synthetic import generate_dataset
 from vidlora.infer.generate import Generator, Request
 from vidlora.infer.load import load_for_inference
 from vidlora.infer.merge import merge
-from vidlora.infer.predict import build_parser, predict
+from vidlora.infer.predict import PredictOptions, predict
 from vidlora.model.keymaps import from_ours
 from vidlora.model.loading import load_pretrained
 from vidlora.model.lora import apply_recipe, build_lora_config
@@ -137,27 +137,19 @@ def test_batch_equals_rows_one_by_one(adapter_dir, synth):
     assert batched == alone
 
 
+def predict_options(adapter_dir, synth, out, max_new_tokens: int) -> PredictOptions:
+    """`vidlora predict` on the synthetic eval set with the test adapter, batches of 4."""
+    return PredictOptions.from_argv(
+        ["--model_path", str(adapter_dir), "--data_path", str(synth / "eval.json"), "--video_folder", str(synth),
+         "--image_folder", str(synth), "--out", str(out), "--max_new_tokens", str(max_new_tokens),
+         "--batch_size", "4"]
+    )  # fmt: skip
+
+
 def test_predict_from_checkpoint_is_resumable(adapter_dir, synth, tmp_path):
     out = tmp_path / "preds.jsonl"
-    args = build_parser().parse_args(
-        [
-            "--model_path",
-            str(adapter_dir),
-            "--data_path",
-            str(synth / "eval.json"),
-            "--video_folder",
-            str(synth),
-            "--image_folder",
-            str(synth),
-            "--out",
-            str(out),
-            "--max_new_tokens",
-            "4",
-            "--batch_size",
-            "4",
-        ]
-    )
-    predict(args, progress=False)
+    options = predict_options(adapter_dir, synth, out, 4)
+    predict(options, progress=False)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     records = json.loads((synth / "eval.json").read_text())
     expected_turns = sum(sum(1 for t in r["conversations"] if t["from"] == "gpt") for r in records)
@@ -165,7 +157,7 @@ def test_predict_from_checkpoint_is_resumable(adapter_dir, synth, tmp_path):
     assert {line["id"] for line in lines} == {r["id"] for r in records}
     # A rerun finds everything done and writes nothing new (no model is even loaded).
     before = out.read_text()
-    predict(args, progress=False, loaded=object())
+    predict(options, progress=False, loaded=object())
     assert out.read_text() == before
 
 
@@ -322,28 +314,13 @@ def test_predict_rerun_after_a_torn_line_leaves_a_valid_file(adapter_dir, synth,
     from vidlora.eval.score import main as eval_main
 
     out = tmp_path / "preds.jsonl"
-    argv = [
-        "--model_path",
-        str(adapter_dir),
-        "--data_path",
-        str(synth / "eval.json"),
-        "--video_folder",
-        str(synth),
-        "--image_folder",
-        str(synth),
-        "--out",
-        str(out),
-        "--max_new_tokens",
-        "2",
-        "--batch_size",
-        "4",
-    ]
-    predict(build_parser().parse_args(argv), progress=False)
+    options = predict_options(adapter_dir, synth, out, 2)
+    predict(options, progress=False)
     complete = out.read_text().splitlines(keepends=True)
     # Keep 3 whole lines and half of the fourth: what a SIGKILL inside write() leaves.
     out.write_text("".join(complete[:3]) + complete[3][: len(complete[3]) // 2])
     for _ in range(2):
-        predict(build_parser().parse_args(argv), progress=False)
+        predict(options, progress=False)
         lines = out.read_text().splitlines()
         records = [json.loads(line) for line in lines]  # every line valid JSON
         keys = [(r["id"], r["turn"]) for r in records]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from vidlora import info as info_command
 from vidlora.model import info
 from vidlora.model.lora import apply_recipe, build_lora_config, lora_target_module_names, lora_target_modules
 from vidlora.model.presets import build_preset
@@ -180,7 +181,7 @@ def test_peft_works_on_the_meta_device() -> None:
 
 def test_cli_table_for_tiny(capsys) -> None:
     assert (
-        info.main(
+        info_command.main(
             ["--model_name_or_path", "tiny", "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16"]
         )
         == 0
@@ -194,13 +195,13 @@ def test_cli_table_for_tiny(capsys) -> None:
 
 def test_cli_rejects_non_boolean(capsys) -> None:
     with pytest.raises(SystemExit):
-        info.main(["--lora_enable", "maybe"])
+        info_command.main(["--lora_enable", "maybe"])
     assert "expected True or False, got 'maybe'" in capsys.readouterr().err
 
 
 def test_cli_videollava_7b_json(capsys) -> None:
     start = time.perf_counter()
-    status = info.main(
+    status = info_command.main(
         [
             "--model_name_or_path",
             "videollava-7b",

@@ -563,6 +563,7 @@ def test_meta_device_reads_structure_only(tmp_path, source, towers) -> None:
 
 
 def test_info_on_a_checkpoint_directory_reads_no_weights(tmp_path, source, towers, capsys) -> None:
+    from vidlora import info as info_command
     from vidlora.model import info
 
     model, tokenizer = source
@@ -572,7 +573,9 @@ def test_info_on_a_checkpoint_directory_reads_no_weights(tmp_path, source, tower
         shard.unlink()
 
     assert (
-        info.main(["--model_name_or_path", str(ckpt), "--lora_enable", "True", "--lora_r", "8", "--json"])
+        info_command.main(
+            ["--model_name_or_path", str(ckpt), "--lora_enable", "True", "--lora_r", "8", "--json"]
+        )
         == 0
     )
 

@@ -63,6 +63,24 @@ def test_original_repo_with_sentencepiece_tokenizer_loads(hub_cache):
     assert any("legacy" in note for note in loaded.report.notes)
 
 
+@pytest.mark.parametrize(
+    ("model", "towers", "expected"),
+    [
+        (ORIGINAL_REPO, {}, "split_at_media"),
+        (VICUNA_REPO, {"video_tower": VIDEO_TOWER_REPO, "image_tower": IMAGE_TOWER_REPO}, "split_at_media"),
+        (HF_REPO, {}, "whole_prompt"),
+        ("tiny", {}, "whole_prompt"),
+    ],
+)
+def test_the_layout_decides_how_prompts_are_tokenized(hub_cache, model, towers, expected):
+    """The original's way (cut at media) for the original and its pretrain -> fine-tune path; the
+    processor's (whole prompt) for the transformers port; vidlora's own preset keeps its convention."""
+    from vidlora.model.loading import load_pretrained
+
+    loaded = load_pretrained(model, cache_dir=str(hub_cache.root), device="meta", **towers)
+    assert loaded.model.config.prompt_tokenization == expected
+
+
 def test_sentencepiece_and_protobuf_are_dependencies():
     from importlib.metadata import requires
 

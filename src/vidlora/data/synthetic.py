@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vidlora.errors import AlreadyExistsError, UsageError
+
 # --- vocabulary (closed answer sets) -------------------------------------------------------------
 
 COLORS: Mapping[str, tuple[int, int, int]] = {
@@ -226,7 +228,7 @@ def _make_scene(
     for x0, y0, extent in cells:
         lo, hi = margin + travel, extent - margin - travel
         if hi < lo:
-            raise ValueError(f"frame size {size} is too small for {count} moving shapes")
+            raise UsageError(f"frame size {size} is too small for {count} moving shapes")
         x, y = rng.uniform(lo, hi, size=2)
         starts.append((round(float(x0 + x), 3), round(float(y0 + y), 3)))
     return Scene(shape, color, count, direction, tuple(starts), radius, travel)
@@ -333,10 +335,10 @@ def plan_split(
     rounding; within each (modality, type) the first-turn answers are balanced to within one.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise UsageError(f"unknown split {split!r}; expected one of {SPLITS}")
     mix = _check_mix(mix if mix is not None else DEFAULT_MIX)
     if image_format not in ("png", "jpeg", "mixed"):
-        raise ValueError(f"image_format must be png, jpeg or mixed, got {image_format!r}")
+        raise UsageError(f"image_format must be png, jpeg or mixed, got {image_format!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     per_modality = _allocate(num_samples, mix)
 
@@ -381,10 +383,10 @@ def plan_split(
 def _check_mix(mix: Mapping[str, float]) -> dict[str, float]:
     unknown = sorted(set(mix) - set(MODALITIES))
     if unknown:
-        raise ValueError(f"unknown modalities in mix: {unknown}; expected a subset of {MODALITIES}")
+        raise UsageError(f"unknown modalities in mix: {unknown}; expected a subset of {MODALITIES}")
     negative = sorted(k for k, v in mix.items() if v < 0)
     if negative or sum(mix.values()) <= 0:
-        raise ValueError(f"mix weights must be >= 0 and not all zero, got {dict(mix)}")
+        raise UsageError(f"mix weights must be >= 0 and not all zero, got {dict(mix)}")
     return {m: float(mix.get(m, 0.0)) for m in MODALITIES}
 
 
@@ -540,20 +542,20 @@ def generate_dataset(
     """
     out = Path(out_dir)
     if n_train < 0 or n_eval < 0:
-        raise ValueError(f"sample counts must be >= 0, got train={n_train} eval={n_eval}")
+        raise UsageError(f"sample counts must be >= 0, got train={n_train} eval={n_eval}")
     if size < 32 or size % 2:
-        raise ValueError(f"size must be even and >= 32 (yuv420p needs even sizes), got {size}")
+        raise UsageError(f"size must be even and >= 32 (yuv420p needs even sizes), got {size}")
     if num_frames < 2:
-        raise ValueError(f"num_frames must be >= 2 for motion to be visible, got {num_frames}")
+        raise UsageError(f"num_frames must be >= 2 for motion to be visible, got {num_frames}")
     if fps < 1:
-        raise ValueError(f"fps must be >= 1, got {fps}")
+        raise UsageError(f"fps must be >= 1, got {fps}")
     if not 0.0 <= multi_turn <= 1.0:
-        raise ValueError(f"multi_turn must be a fraction in [0, 1], got {multi_turn}")
+        raise UsageError(f"multi_turn must be a fraction in [0, 1], got {multi_turn}")
     existing = [
         p.name for p in (out / "train.json", out / "eval.json", out / "videos", out / "images") if p.exists()
     ]
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds {existing}; choose another --out or pass --overwrite")
+        raise AlreadyExistsError(f"{out} already holds {existing}; choose another --out or pass --overwrite")
     encoder = pick_h264_encoder()
     plans = {
         name: plan_split(name, n, seed, size=size, mix=mix, multi_turn=multi_turn, image_format=image_format)
@@ -642,29 +644,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`vidlora synth`: write the dataset and print a summary; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        summary = generate_dataset(
-            args.out,
-            args.train,
-            args.eval,
-            args.seed,
-            size=args.size,
-            num_frames=args.frames,
-            fps=args.fps,
-            mix=args.mix,
-            multi_turn=args.multi_turn,
-            image_format=args.image_format,
-            overwrite=args.overwrite,
-            progress=True,
-        )
-    except (ValueError, FileExistsError) as err:
-        print(f"vidlora synth: error: {err}", file=sys.stderr)
-        return 2
+    summary = generate_dataset(
+        args.out,
+        args.train,
+        args.eval,
+        args.seed,
+        size=args.size,
+        num_frames=args.frames,
+        fps=args.fps,
+        mix=args.mix,
+        multi_turn=args.multi_turn,
+        image_format=args.image_format,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     print(summary.format())
     return 0
-
-
-if __name__ == "__main__":
-    from vidlora.cli import run_command
-
-    raise SystemExit(run_command("synth", main, sys.argv[1:]))

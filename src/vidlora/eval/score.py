@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import re
 import string
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -356,9 +355,3 @@ def main(argv: list[str] | None = None) -> int:
     write_report(report, args.out)
     print(f"report written to {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    from vidlora.cli import run_command
-
-    raise SystemExit(run_command("eval", main, sys.argv[1:]))

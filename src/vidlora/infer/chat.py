@@ -129,9 +129,3 @@ def main(argv: list[str] | None = None) -> int:
         streamer=streamer,
     )
     return 0
-
-
-if __name__ == "__main__":
-    from vidlora.cli import run_command
-
-    raise SystemExit(run_command("chat", main, sys.argv[1:]))

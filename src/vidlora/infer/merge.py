@@ -144,9 +144,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"vidlora merge: wrote {path}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    from vidlora.cli import run_command
-
-    raise SystemExit(run_command("merge", main, sys.argv[1:]))

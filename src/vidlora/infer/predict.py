@@ -153,44 +153,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def predict(args: argparse.Namespace, *, loaded=None, progress: bool = True) -> Path:
+@dataclass(frozen=True)
+class PredictOptions:
+    """What to predict, from what, and how (the flags of `vidlora predict`, one field each)."""
+
+    model_path: str
+    data_path: tuple[str, ...]
+    out: str
+    model_base: str | None = None
+    video_folder: str | None = None
+    image_folder: str | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    num_shards: int | None = None
+    shard_index: int | None = None
+    allow_media_outside_folder: bool = False
+    decode_timeout: float = 60.0
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None = None) -> PredictOptions:
+        """Parse `vidlora predict`'s command line."""
+        values = vars(build_parser().parse_args(argv))
+        return cls(**{**values, "data_path": tuple(values["data_path"])})
+
+
+def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> Path:
     """Run predictions (see the module docstring); returns the path of the written file."""
     from vidlora.infer.generate import Generator, Request
     from vidlora.infer.load import load_for_inference
 
     env_index, env_count = shard_from_env()
-    count = args.num_shards or env_count
-    index = env_index if args.shard_index is None else args.shard_index
+    count = options.num_shards or env_count
+    index = env_index if options.shard_index is None else options.shard_index
     if not 0 <= index < count:
         raise UsageError(f"--shard_index {index} is outside 0..{count - 1}")
-    samples = load_records(args.data_path)
+    samples = load_records(list(options.data_path))
     all_jobs = [(position, job) for position, sample in enumerate(samples) for job in jobs_of(sample)]
     order = [job.key for _, job in all_jobs]
     if len(set(order)) != len(order):
         raise UsageError("duplicate sample ids in --data_path: predictions could not be told apart")
     # Whole samples go to one shard, so a multi-turn sample's lines stay together.
     mine = [job for position, job in all_jobs if position % count == index]
-    out = Path(args.out)
+    out = Path(options.out)
     path = shard_path(out, index, count)
     done = read_done(path)
     todo = [job for job in mine if job.key not in done]
     if todo:
-        loaded = loaded or load_for_inference(args.model_path, args.model_base, cache_dir=args.cache_dir)
-        generator = Generator(loaded, decode_timeout=args.decode_timeout)
+        loaded = loaded or load_for_inference(
+            options.model_path, options.model_base, cache_dir=options.cache_dir
+        )
+        generator = Generator(loaded, decode_timeout=options.decode_timeout)
         with (
             JsonlAppender(path) as handle,
             tqdm(total=len(todo), desc="predict", disable=not progress) as bar,
         ):
-            for batch in batches(todo, args.batch_size):
+            for batch in batches(todo, options.batch_size):
                 requests = []
                 for job in batch:
                     video, images = resolve_media(
-                        job.sample, args.video_folder, args.image_folder,
-                        allow_outside=args.allow_media_outside_folder,
+                        job.sample, options.video_folder, options.image_folder,
+                        allow_outside=options.allow_media_outside_folder,
                     )  # fmt: skip
                     requests.append(Request(job.sample.id, prompt_turns(job), video, list(images)))
                 answers = generator.generate(
-                    requests, max_new_tokens=args.max_new_tokens, temperature=args.temperature
+                    requests, max_new_tokens=options.max_new_tokens, temperature=options.temperature
                 )
                 for job, answer in zip(batch, answers, strict=True):
                     record = {
@@ -210,8 +238,7 @@ def predict(args: argparse.Namespace, *, loaded=None, progress: bool = True) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    path = predict(args)
+    path = predict(PredictOptions.from_argv(argv))
     print(f"vidlora predict: wrote {path}", file=sys.stderr)
     return 0
 
