@@ -22,12 +22,34 @@ BAD_INPUT = [
     (("check", "--data_path", "d.json", "--num_frames", "4"), "trained for 8 frames"),
     (("check", "--data_path", "d.json", "--X", "Audio"), "unknown modality"),
     (("eval", "--predictions", "missing.jsonl", "--out", "r.json"), "missing.jsonl"),
+    (
+        (
+            "train",
+            "--data_path",
+            "d.json",
+            "--output_dir",
+            "out",
+            "--tf32",
+            "False",
+            "--evaluation_strategy",
+            "epoch",
+        ),
+        "cannot hold out 1 of 1",
+    ),
+    (
+        ("train", "--data_path", "d.json", "--output_dir", "out", "--tf32", "False", "--version", "v9"),
+        "unknown template",
+    ),
+    (("predict", "--model_path", "ckpt", "--data_path", "d.json", "--out", "p.jsonl"), "not valid JSON"),
 ]
 
 
 @pytest.fixture
 def in_empty_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "adapter_config.json").write_text("{}")
+    (tmp_path / "ckpt" / "vidlora_config.json").write_text("{not json")
     (tmp_path / "d.json").write_text(
         '[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, '
         '{"from": "gpt", "value": "hello"}]}]'

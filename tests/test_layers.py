@@ -21,8 +21,9 @@ FORBIDDEN = {
              "vidlora.train", "vidlora.check", "vidlora.cli"),
     "checkpoint.py": ("vidlora.training", "vidlora.infer", "vidlora.eval", "vidlora.args", "vidlora.cli"),
     "jsonl.py": ("vidlora.data", "vidlora.model", "vidlora.training", "vidlora.infer"),
-    "infer": ("vidlora.training", "vidlora.train", "vidlora.check"),
-    "eval": ("vidlora.training", "vidlora.train", "vidlora.infer"),
+    "training": ("vidlora.infer", "vidlora.eval", "vidlora.cli", "vidlora.check", "vidlora.demo"),
+    "infer": ("vidlora.training", "vidlora.train", "vidlora.check", "vidlora.cli", "vidlora.args"),
+    "eval": ("vidlora.training", "vidlora.train", "vidlora.infer", "vidlora.cli", "vidlora.args"),
 }  # fmt: skip
 
 

@@ -2,7 +2,9 @@
 
 Every flag of the Video-LLaVA LoRA command is accepted with the original meaning, including the
 old names (`--evaluation_strategy`, `--warmup_ratio`, `--X`, `--lazy_preprocess`,
-`--mm_use_x_start_end`). Defaults live here and nowhere else. `vidlora check` parses the same
+`--mm_use_x_start_end`). A default the library shares comes from the one constant it uses
+(template, aspect, lengths: `vidlora.data.processor`; the feature layer: `model.configuration`;
+the decode timeout: `data.media`); the rest live here. `vidlora check` parses the same
 `ModelArguments` and `DataArguments` as training, so it reads the data under the same rules.
 ``parse_train_args`` / ``parse_check_args`` report every problem at once, before any model is loaded.
 """
@@ -14,15 +16,29 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import transformers
 
+from vidlora.checkpoint import BaseModel
+from vidlora.data.dataset import MediaFolders
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT
+from vidlora.data.processor import (
+    ASPECT_MODES,
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_MODEL_MAX_LENGTH,
+    DEFAULT_TEMPLATE,
+    MEDIA_MODALITIES,
+)
+from vidlora.data.templates import TemplateError, get_template, template_names
 from vidlora.errors import VidloraError
+from vidlora.model.configuration import DEFAULT_SELECT_LAYER
 
-SUPPORTED_MODALITIES = ("Video", "Image")
-ASPECT_RATIOS = ("pad", "square")
+#: `--X` spells the processor's modalities capitalised, as the original does.
+SUPPORTED_MODALITIES = tuple(m.capitalize() for m in MEDIA_MODALITIES)
+ASPECT_RATIOS = tuple(ASPECT_MODES)
 LORA_BIASES = ("none", "all", "lora_only")
 QUANT_BITS = (4, 8, 16)
 
@@ -47,7 +63,7 @@ class ModelArguments:
         },
     )
     version: str = field(
-        default="v1", metadata={"help": "Prompt template (v1, llava_v1, v0, plain, llama_2)."}
+        default=DEFAULT_TEMPLATE, metadata={"help": "Prompt template (v1, llava_v1, v0, plain, llama_2)."}
     )
     video_tower: str | None = field(
         default=None,
@@ -64,7 +80,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "linear | mlp{N}x_gelu | identity; default: the checkpoint's, else mlp2x_gelu."},
     )
-    mm_vision_select_layer: int = field(default=-2, metadata={"help": "Tower hidden state used as features."})
+    mm_vision_select_layer: int = field(
+        default=DEFAULT_SELECT_LAYER, metadata={"help": "Tower hidden state used as features."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
     mm_use_x_start_end: bool = field(
         default=False, metadata={"help": "Start/end tokens around media (unsupported)."}
@@ -102,7 +120,7 @@ class DataArguments:
         default=None, metadata={"help": "Folder that image paths are relative to."}
     )
     image_aspect_ratio: str = field(
-        default="pad",
+        default=DEFAULT_ASPECT_RATIO,
         metadata={"help": "pad: pad images to a square with the mean colour; square: resize+crop."},
     )
     lazy_preprocess: bool = field(default=True, metadata={"help": "Accepted for compatibility; always lazy."})
@@ -120,10 +138,11 @@ class DataArguments:
         default=False, metadata={"help": "Allow absolute media paths and paths escaping their folder."}
     )
     decode_timeout: float = field(
-        default=60.0, metadata={"help": "Seconds allowed to read one sample's media."}
+        default=DEFAULT_DECODE_TIMEOUT, metadata={"help": "Seconds allowed to read one sample's media."}
     )
     model_max_length: int = field(
-        default=2048, metadata={"help": "Max text tokens per sample (each media placeholder counts once)."}
+        default=DEFAULT_MODEL_MAX_LENGTH,
+        metadata={"help": "Max text tokens per sample (each media placeholder counts once)."},
     )
     tokenizer_model_max_length: int | None = field(
         default=None,
@@ -225,6 +244,12 @@ def data_problems(
 ) -> list[str]:
     """Problems with the flags that decide how samples are read (shared by `train` and `check`)."""
     problems = []
+    try:
+        get_template(model.version)
+    except TemplateError:
+        problems.append(
+            f"--version {model.version}: unknown template; use one of {', '.join(template_names())}."
+        )
     unknown = [x for x in model.X if x not in SUPPORTED_MODALITIES]
     if unknown:
         problems.append(f"--X {' '.join(model.X)}: unknown modality {unknown}; use Video and/or Image.")
@@ -364,20 +389,36 @@ def parse_check_args(argv: list[str] | None = None) -> tuple[ModelArguments, Dat
     return model, data, options
 
 
+def base_model(model: ModelArguments) -> BaseModel:
+    """The base model the flags name; local paths made absolute, so a checkpoint's record of it
+    still resolves from another working directory."""
+
+    def absolute(name: str | None) -> str | None:
+        return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
+
+    return BaseModel(
+        model_name_or_path=absolute(model.model_name_or_path) or model.model_name_or_path,
+        video_tower=absolute(model.video_tower),
+        image_tower=absolute(model.image_tower),
+        pretrain_mm_mlp_adapter=absolute(model.pretrain_mm_mlp_adapter),
+        mm_projector_type=model.mm_projector_type,
+        cache_dir=absolute(model.cache_dir),
+    )
+
+
 def load_options(model: ModelArguments) -> dict[str, Any]:
     """`load_pretrained`'s keyword arguments for the model flags (training and `check` load alike)."""
     from vidlora.model.configuration import ConfigOverrides
 
-    return {
-        "video_tower": model.video_tower,
-        "image_tower": model.image_tower,
-        "pretrain_mm_mlp_adapter": model.pretrain_mm_mlp_adapter,
-        "mm_projector_type": model.mm_projector_type,
-        "cache_dir": model.cache_dir,
-        "overrides": ConfigOverrides(
-            mm_vision_select_layer=model.mm_vision_select_layer, num_frames=model.num_frames
-        ),
-    }
+    overrides = ConfigOverrides(
+        mm_vision_select_layer=model.mm_vision_select_layer, num_frames=model.num_frames
+    )
+    return {**base_model(model).load_kwargs(), "overrides": overrides}
+
+
+def media_folders(data: DataArguments) -> MediaFolders:
+    """Where the data flags say relative media paths point (and whether they may leave the folders)."""
+    return MediaFolders(data.video_folder, data.image_folder, data.allow_media_outside_folder)
 
 
 def processor_options(model: ModelArguments, data: DataArguments) -> dict[str, Any]:

@@ -14,26 +14,29 @@ import json
 import sys
 from pathlib import Path
 
-from vidlora.args import load_options, parse_check_args, processor_options
+from vidlora.args import load_options, media_folders, parse_check_args, processor_options
 from vidlora.errors import UsageError
+from vidlora.jsonl import write_text_atomic
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `vidlora check`; returns 0 (all usable) or 1 (bad samples); user errors raise."""
     model_args, data_args, options = parse_check_args(argv)
-    from vidlora.checkpoint import is_adapter_dir, read_record
+    from vidlora.checkpoint import RECORD_FILE, is_adapter_dir
     from vidlora.data.check import format_report, run_check
-    from vidlora.data.dataset import folders_of
     from vidlora.data.processor import Processor
     from vidlora.infer.load import load_base
     from vidlora.model.loading import load_pretrained
 
     path = Path(model_args.model_name_or_path)
-    if path.is_dir() and (is_adapter_dir(path) or read_record(path) is not None):
-        # A vidlora checkpoint: the data is read with the processor it was trained with.
+    if path.is_dir() and is_adapter_dir(path):
+        # A LoRA checkpoint (not something to train from): the data is read the way it was trained.
         base = load_base(str(path), device="meta", cache_dir=model_args.cache_dir)
         tokenizer, processor = base.tokenizer, base.processor
-        print(f"vidlora check: processor settings of {path}", file=sys.stderr)
+        print(
+            f"vidlora check: the data flags of {path}'s training run apply (its {RECORD_FILE})",
+            file=sys.stderr,
+        )
     else:
         loaded = load_pretrained(model_args.model_name_or_path, device="meta", **load_options(model_args))
         if loaded.tokenizer is None:
@@ -43,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         tokenizer = loaded.tokenizer
         processor = Processor.for_model(loaded.model.config, **processor_options(model_args, data_args))
-    assert data_args.data_path is not None  # parse_check_args requires --data_path
+    # Training reads --eval_data_path under the same rules: a bad evaluation sample stops it too.
+    data_paths = [*(data_args.data_path or []), *(data_args.eval_data_path or [])]
     report = run_check(
-        data_args.data_path,
+        data_paths,
         processor,
         tokenizer,
-        folders_of(data_args),
+        media_folders(data_args),
         decode_timeout=data_args.decode_timeout,
         workers=options.workers,
         progress=not options.no_progress,
@@ -56,12 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     report["settings"]["model_name_or_path"] = model_args.model_name_or_path
     print(format_report(report))
     if options.report:
-        Path(options.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(options.report, json.dumps(report, indent=1) + "\n")
         print(f"report written to {options.report}")
     return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-    from vidlora.cli import run_command
-
-    raise SystemExit(run_command("check", main, sys.argv[1:]))

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from vidlora.data.processor import MEDIA_MODALITIES, Processor
 from vidlora.errors import UsageError
+from vidlora.jsonl import write_text_atomic
 from vidlora.model.configuration import ConfigOverrides
 from vidlora.model.lora import is_lora_name, strip_peft_prefix
 
@@ -54,6 +55,16 @@ class BaseModel:
     pretrain_mm_mlp_adapter: str | None = None
     mm_projector_type: str | None = None
     cache_dir: str | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """`load_pretrained`'s keyword arguments for this base (the model name aside)."""
+        return {
+            "video_tower": self.video_tower,
+            "image_tower": self.image_tower,
+            "pretrain_mm_mlp_adapter": self.pretrain_mm_mlp_adapter,
+            "mm_projector_type": self.mm_projector_type,
+            "cache_dir": self.cache_dir,
+        }
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,12 @@ class RunRecord:
         return replace(processor, prompt_tokenization="whole_prompt")
 
     @property
+    def absent_legacy(self) -> bool:
+        """How to read a saved tokenizer whose config has no ``legacy`` key: vidlora 0.1 trained with
+        transformers 5's default (``False``) and saved no key; later vidlora always writes one."""
+        return self.processor is not None
+
+    @property
     def config_overrides(self) -> ConfigOverrides:
         """The overrides that rebuild the trained model from its base (see `Processor.config_overrides`)."""
         if self.processor is not None:
@@ -109,9 +126,9 @@ class RunRecord:
 
 
 def write_record(directory: Path, record: RunRecord) -> None:
-    """``vidlora_config.json`` in ``directory``."""
-    (directory / RECORD_FILE).write_text(
-        json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+    """``vidlora_config.json`` in ``directory``, written atomically (a kill leaves the old one or the new)."""
+    write_text_atomic(
+        directory / RECORD_FILE, json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
     )
 
 
@@ -125,20 +142,27 @@ def read_record(directory: str | Path) -> RunRecord | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise UsageError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(data).__name__}")
     version = data.get("format", 1)
     if version == 1:
-        base = BaseModel(data.get("base_model") or "", data.get("video_tower"), data.get("image_tower"))
+        base = BaseModel(str(data.get("base_model") or ""), data.get("video_tower"), data.get("image_tower"))
         return RunRecord(base=base, processor=None, training={}, legacy=data)
     if version != RECORD_FORMAT:
         raise UsageError(
             f"{path}: record format {version} is newer than this vidlora reads ({RECORD_FORMAT})"
         )
+    base_data, processor_data = data.get("base"), data.get("processor")
+    if not isinstance(base_data, dict) or not isinstance(base_data.get("model_name_or_path"), str):
+        raise UsageError(f"{path}: 'base' must be an object naming model_name_or_path")
+    if not isinstance(processor_data, dict):
+        raise UsageError(f"{path}: 'processor' must be an object")
     base_fields = {f.name for f in fields(BaseModel)}
-    base = BaseModel(**{k: v for k, v in data["base"].items() if k in base_fields})
-    processor = Processor.from_dict(data["processor"], where=str(path))
+    base = BaseModel(**{k: v for k, v in base_data.items() if k in base_fields})
+    processor = Processor.from_dict(processor_data, where=str(path))
     return RunRecord(base=base, processor=processor, training=data.get("training", {}))
 
 

@@ -4,14 +4,15 @@ Each sub-command lives in its own module and exposes ``main(argv) -> int``; this
 importing the chosen module lazily so that `vidlora info` never pays for the training stack, and
 turns a :class:`~vidlora.errors.VidloraError` into ``vidlora <cmd>: error: …`` with exit status 2.
 Modules started by a launcher (``deepspeed --module vidlora.train``, ``torchrun -m
-vidlora.infer.predict``) go through :func:`run_command` too.
+vidlora.infer.predict``) go through the same :func:`~vidlora.errors.run_command`.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
+
+from vidlora.errors import run_command
 
 # name -> (module exposing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,17 +62,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     return run_command(name, module.main, rest)
-
-
-def run_command(name: str, command: Callable[[list[str]], int | None], argv: list[str]) -> int:
-    """Run one sub-command's ``main``; a user error becomes one message on stderr and exit status 2."""
-    from vidlora.errors import VidloraError
-
-    try:
-        return int(command(argv) or 0)
-    except VidloraError as err:
-        print(f"vidlora {name}: error: {err}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ callers keeps working.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class VidloraError(Exception):
     """A problem with the user's input; the message says what and where, and how to fix it."""
@@ -25,3 +28,12 @@ class NotFoundError(VidloraError, FileNotFoundError):
 
 class AlreadyExistsError(VidloraError, FileExistsError):
     """An output the user named already holds something a command will not overwrite unasked."""
+
+
+def run_command(name: str, command: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run one command's ``main``: a :class:`VidloraError` becomes one line on stderr and exit status 2."""
+    try:
+        return int(command(argv) or 0)
+    except VidloraError as err:
+        print(f"vidlora {name}: error: {err}", file=sys.stderr)
+        return 2

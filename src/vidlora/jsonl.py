@@ -1,9 +1,15 @@
-"""JSON Lines files that survive a kill: one reader and one appender for every JSONL vidlora writes.
+"""Files that survive a kill: one JSONL reader and appender for every JSONL vidlora writes, and an
+atomic whole-file writer.
 
 A record is written as one ``json + "\\n"`` and flushed, so a SIGKILL can only leave the *last*
-line without its newline. :class:`JsonlAppender` truncates such a torn tail before appending (the
-record it held was never complete, so whoever wrote it writes it again); :func:`read_jsonl`
-reports a torn tail or an invalid line by file and line number instead of mis-reading it.
+line cut short — possibly inside a multi-byte character. :class:`JsonlAppender` truncates such a
+torn tail before appending (the record it held was never complete, so whoever wrote it writes it
+again); a last line that is complete JSON but lacks its newline (files from other tools) just gets
+the newline. :func:`read_jsonl` reports a torn tail, an invalid line or invalid UTF-8 by file and
+line number instead of mis-reading it. Lines are split at ``"\\n"`` only: JSON strings may hold
+U+2028 and other characters that ``str.splitlines`` would also split at.
+:func:`write_text_atomic` writes beside the target and renames, so a reader sees the old file or
+the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -27,11 +33,9 @@ class JsonlError(UsageError):
 
 def _unterminated_tail(path: Path) -> int:
     """How many bytes follow the last newline; 0 when the file ends with one (or is empty)."""
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:
         return 0
     size = path.stat().st_size
-    if size == 0:
-        return 0
     with open(path, "rb") as handle:
         handle.seek(-1, os.SEEK_END)
         if handle.read(1) == b"\n":
@@ -41,12 +45,19 @@ def _unterminated_tail(path: Path) -> int:
         while position > 0:
             start = max(0, position - block)
             handle.seek(start)
-            chunk = handle.read(position - start)
-            newline = chunk.rfind(b"\n")
+            newline = handle.read(position - start).rfind(b"\n")
             if newline >= 0:
                 return size - (start + newline + 1)
             position = start
     return size
+
+
+def _is_record(data: bytes) -> bool:
+    try:
+        json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included: a character cut in half
+        return False
+    return True
 
 
 def torn_tail(path: Path) -> int:
@@ -56,42 +67,37 @@ def torn_tail(path: Path) -> int:
         return 0
     with open(path, "rb") as handle:
         handle.seek(-tail, os.SEEK_END)
-        text = handle.read()
-    try:
-        json.loads(text)
-    except ValueError:
-        return tail
-    return 0
+        return 0 if _is_record(handle.read()) else tail
 
 
 def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[tuple[int, Any]]:
     """``(line number, record)`` for every non-blank line.
 
     Raises:
-        JsonlError: a line that is not valid JSON; a torn last line unless ``allow_torn_tail``
+        JsonlError: a line that is not valid UTF-8 JSON; a torn last line unless ``allow_torn_tail``
             (then it is skipped: the appender will cut it before writing again).
     """
     path = Path(path)
+    data = path.read_bytes()
     tail = torn_tail(path)
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
-    last = len(lines)
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    body = data[: len(data) - tail] if tail else data
+    lines = body.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
-        if tail and number == last:
-            if allow_torn_tail:
-                return
-            raise JsonlError(
-                path,
-                number,
-                "the last line is cut short (its writer was stopped mid-line); "
-                "rerun the command that writes it to complete the file",
-            )
         try:
-            yield number, json.loads(line)
+            yield number, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise JsonlError(path, number, f"not UTF-8 ({err.reason} at byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise JsonlError(path, number, f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if tail and not allow_torn_tail:
+        raise JsonlError(
+            path,
+            body.count(b"\n") + 1,
+            "the last line is cut short (its writer was stopped mid-line); "
+            "rerun the command that writes it to complete the file",
+        )
 
 
 class JsonlAppender:
@@ -129,3 +135,11 @@ class JsonlAppender:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a file beside it and a rename."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)

@@ -40,6 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vidlora.cli import run_command
+    from vidlora.errors import run_command
 
     raise SystemExit(run_command("train", main, sys.argv[1:]))

@@ -84,3 +84,17 @@ def test_check_reports_exactly_what_training_refuses(faulty, tmp_path, flags):
         records = json.loads((faulty / "train.json").read_text())
         with_image = {r["id"] for r in records if "image" in r}
         assert {i for i, kind in from_check if kind == "disabled_modality"} == with_image
+
+
+def test_evaluation_data_is_checked_as_training_reads_it(faulty, tmp_path):
+    records = json.loads((faulty / "train.json").read_text())
+    clean = [r for r in records if "video" not in r and "image" not in r and len(str(r)) < 2000][:2]
+    bad = {"id": "eval-missing", "video": "videos/gone.mp4",
+           "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "red"}]}  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(clean))
+    (tmp_path / "eval.json").write_text(json.dumps([bad]))
+    shutil.copytree(faulty / "videos", tmp_path / "videos")
+    flags = ("--eval_data_path", str(tmp_path / "eval.json"))
+    expected = {("eval-missing", "missing_file")}
+    assert check_problems(tmp_path, *flags) == expected
+    assert train_problems(tmp_path, tmp_path, *flags) == expected

@@ -40,6 +40,7 @@ def _processor(**changes) -> Processor:
         image_tokens=COUNTS.image,
         video_tokens=COUNTS.video,
         num_frames=T,
+        mm_vision_select_layer=-2,
         model_max_length=None,
     )
     return Processor(**{**fields, **changes})
@@ -283,7 +284,7 @@ def test_unreadable_record_file_or_nothing_left_is_fatal_even_when_skipping(toke
 
 
 def test_from_args_uses_the_model_config(tokenizer, data_dir):
-    from vidlora.args import DataArguments, ModelArguments, processor_options
+    from vidlora.args import DataArguments, ModelArguments, media_folders, processor_options
     from vidlora.model.presets import build_config
 
     config = build_config("tiny", tokenizer=tokenizer)
@@ -291,7 +292,9 @@ def test_from_args_uses_the_model_config(tokenizer, data_dir):
         data_path=[str(data_dir / "train.json")], video_folder=str(data_dir), image_folder=str(data_dir)
     )
     processor = Processor.for_model(config, **processor_options(ModelArguments(), data_args))
-    ds = SupervisedDataset.from_args(data_args, processor, tokenizer)
+    ds = SupervisedDataset.from_paths(
+        data_args.data_path, processor=processor, tokenizer=tokenizer, folders=media_folders(data_args)
+    )
     # tiny preset: 64 px, patch 16 -> 16 tokens per image, 8 x 17 per video
     assert processor.counts == MediaTokenCounts(image=16, video=136) and processor.num_frames == 8
     assert processor.pixel_spec.image_size == 64
@@ -305,7 +308,9 @@ def test_from_args_uses_the_model_config(tokenizer, data_dir):
     # --X Image: the video samples are named, not trained on.
     image_only = Processor.for_model(config, **processor_options(ModelArguments(X=["Image"]), data_args))
     with pytest.raises(BadSamplesError, match=r"'v'.*--X enables Image"):
-        SupervisedDataset.from_args(data_args, image_only, tokenizer)
+        SupervisedDataset.from_paths(
+            data_args.data_path, processor=image_only, tokenizer=tokenizer, folders=media_folders(data_args)
+        )
 
 
 def test_dataloader_worker_processes_give_the_same_batches(tokenizer, data_dir):

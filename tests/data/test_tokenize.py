@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import pre_tokenizers
 
+from vidlora.data import tokenize
 from vidlora.data.records import Sample, Turn
 from vidlora.data.templates import get_template
 from vidlora.data.tokenize import (
@@ -12,8 +13,6 @@ from vidlora.data.tokenize import (
     MediaTokenCounts,
     TokenizationError,
     special_prefix,
-    tokenize_prompt,
-    tokenize_sample,
 )
 from vidlora.model.tokenizer import (
     build_bytelevel_tokenizer,
@@ -23,6 +22,17 @@ from vidlora.model.tokenizer import (
 
 X = IGNORE_INDEX
 COUNTS = MediaTokenCounts(image=2, video=3)
+
+
+# These tests pin segment-wise ids against whole-prompt tokenization (`expand_whole_prompt`), so
+# they run the whole-prompt convention unless a test names another; the split-at-media convention
+# is pinned against the original's own algorithm in test_original_ids.py.
+def tokenize_sample(*args, tokenization: str = "whole_prompt", **kwargs):
+    return tokenize.tokenize_sample(*args, tokenization=tokenization, **kwargs)
+
+
+def tokenize_prompt(*args, tokenization: str = "whole_prompt", **kwargs):
+    return tokenize.tokenize_prompt(*args, tokenization=tokenization, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -331,3 +331,68 @@ def test_predict_rerun_after_a_torn_line_leaves_a_valid_file(adapter_dir, synth,
         == 0
     )
     assert json.loads(report.read_text())["exact_match"]["n"] == len(complete)
+
+
+def test_an_interrupted_save_without_its_record_is_refused_not_guessed(adapter_dir, tmp_path):
+    """Trained tensors without vidlora_config.json: the settings are unknown, so no silent defaults."""
+    import shutil
+
+    from vidlora.errors import UsageError
+
+    broken = tmp_path / "checkpoint-9"
+    shutil.copytree(adapter_dir, broken)
+    (broken / RECORD_FILE).unlink()
+    with pytest.raises(UsageError, match=r"no vidlora_config\.json \(was its save interrupted"):
+        load_for_inference(str(broken))
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[]", "{not json", '{"format": 2, "base": {}, "processor": {}}', '{"format": 2, "base": {"model_name_or_path": "tiny"}, '
+     '"processor": {"template": 3}}', '{"format": 9}'],
+)  # fmt: skip
+def test_a_corrupt_record_is_a_user_error(adapter_dir, tmp_path, content):
+    import shutil
+
+    from vidlora.checkpoint import read_record
+    from vidlora.errors import UsageError
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(adapter_dir, broken)
+    (broken / RECORD_FILE).write_text(content)
+    with pytest.raises(UsageError, match=r"vidlora_config\.json"):
+        read_record(broken)
+
+
+def test_a_vidlora_0_1_tokenizer_is_read_as_it_was_trained(tmp_path):
+    """vidlora 0.1 loaded LLaMA tokenizers with transformers 5's legacy=False and saved no key."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hub_repos import write_sp_tokenizer
+    from vidlora.checkpoint import read_record
+    from vidlora.model.tokenizer import load_tokenizer
+
+    saved = tmp_path / "old"
+    saved.mkdir()
+    (saved / RECORD_FILE).write_text(json.dumps(OLD_RECORD))
+    source = write_sp_tokenizer(tmp_path / "vicuna", legacy=False)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(saved)  # what 0.1 wrote: no 'legacy' key
+    assert "legacy" not in json.loads((saved / "tokenizer_config.json").read_text())
+    record = read_record(saved)
+    assert record is not None and record.absent_legacy is False
+    assert load_tokenizer(saved, absent_legacy=record.absent_legacy).legacy is False
+    assert load_tokenizer(saved).legacy is True  # anything else without the key: the original's stack
+
+
+def test_processor_settings_are_validated():
+    from vidlora.errors import UsageError
+
+    fields = dict(prompt_tokenization="split_at_media", image_size=16, image_tokens=4, video_tokens=20,
+                  mm_vision_select_layer=-2)  # fmt: skip
+    with pytest.raises(UsageError, match="num_frames 0 does not fit"):
+        Processor(**fields, num_frames=0)
+    with pytest.raises(UsageError, match="unknown modalities"):
+        Processor(**fields, num_frames=4, modalities=("audio",))

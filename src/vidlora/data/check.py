@@ -38,9 +38,8 @@ from vidlora.data.dataset import (
     read_samples,
     stat_problem,
 )
-from vidlora.data.media import MediaError, probe_video, read_image
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, MediaError, probe_video, read_image
 from vidlora.data.processor import Processor
-from vidlora.data.records import Sample
 
 HISTOGRAM_BINS = 10
 MAX_PRINTED_PROBLEMS = 200
@@ -114,13 +113,6 @@ class SampleInfo:
     ok: bool = True
 
 
-def modality_of(sample: Sample) -> str:
-    """``video``, ``image``, ``video+image`` or ``text``."""
-    if sample.video is not None:
-        return "video+image" if sample.images else "video"
-    return "image" if sample.images else "text"
-
-
 def _stats(values: Sequence[float]) -> dict[str, Any]:
     if not values:
         return {"count": 0}
@@ -146,7 +138,7 @@ def run_check(
     tokenizer: PreTrainedTokenizerBase,
     folders: MediaFolders,
     *,
-    decode_timeout: float = 60.0,
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -160,7 +152,7 @@ def run_check(
     for sample in records_bar:
         prepared = prepare_sample(sample, processor, tokenizer, folders)
         info = SampleInfo(
-            sample.id, str(sample.source), sample.index, modality_of(sample),
+            sample.id, str(sample.source), sample.index, sample.modality,
             text_tokens=prepared.text_length, expanded_tokens=prepared.full_length, truncated=prepared.truncated,
         )  # fmt: skip
         infos.append(info)

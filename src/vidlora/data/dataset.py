@@ -35,11 +35,11 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vidlora.data.media import MediaError
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, MediaError
 from vidlora.data.processor import Processor
 from vidlora.data.records import RecordError, Sample, read_records, resolve_media
 from vidlora.data.tokenize import TokenizationError
-from vidlora.errors import VidloraError
+from vidlora.errors import UsageError, VidloraError
 
 ADVICE = "run `vidlora check` with the same arguments to list every unreadable sample before training"
 
@@ -336,7 +336,7 @@ class SupervisedDataset(Dataset):
         processor: Processor,
         tokenizer: PreTrainedTokenizerBase,
         folders: MediaFolders = MediaFolders(),
-        decode_timeout: float = 60.0,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
         skip_bad_samples: bool = False,
         check_files: bool = True,
         prior_problems: Sequence[SampleProblem] = (),
@@ -369,28 +369,6 @@ class SupervisedDataset(Dataset):
         """Read record files (collecting invalid records) and build the dataset; ``kwargs`` as ``__init__``."""
         samples, problems = read_samples(data_paths)
         return cls(samples, prior_problems=problems, **kwargs)
-
-    @classmethod
-    def from_args(
-        cls,
-        data_args: Any,
-        processor: Processor,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        eval_split: bool = False,
-    ) -> SupervisedDataset:
-        """The training (or, with ``eval_split``, the ``--eval_data_path``) dataset of a run's data flags."""
-        paths = data_args.eval_data_path if eval_split else data_args.data_path
-        if not paths:
-            raise VidloraError("--eval_data_path is not set" if eval_split else "--data_path is not set")
-        return cls.from_paths(
-            paths,
-            processor=processor,
-            tokenizer=tokenizer,
-            folders=folders_of(data_args),
-            decode_timeout=data_args.decode_timeout,
-            skip_bad_samples=data_args.skip_bad_samples,
-        )
 
     # -- Dataset protocol -----------------------------------------------------------------
 
@@ -466,11 +444,6 @@ class SupervisedDataset(Dataset):
         return child
 
 
-def folders_of(data_args: Any) -> MediaFolders:
-    """The media folders of a run's data flags (``--video_folder``, ``--image_folder``, ``--allow_media_outside_folder``)."""
-    return MediaFolders(data_args.video_folder, data_args.image_folder, data_args.allow_media_outside_folder)
-
-
 # -- eval hold-out ----------------------------------------------------------------------------
 
 
@@ -481,11 +454,12 @@ def split_indices(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]
         ValueError: ratio outside (0, 1), or fewer than 2 samples (both splits must be non-empty).
     """
     if not 0 < ratio < 1:
-        raise ValueError(f"eval hold-out ratio must be in (0, 1), got {ratio}")
+        raise UsageError(f"eval hold-out ratio must be in (0, 1), got {ratio}")
     n_eval = max(1, round(n * ratio))
     if n_eval >= n:
-        raise ValueError(
-            f"cannot hold out {n_eval} of {n} sample(s) for evaluation and keep any for training"
+        raise UsageError(
+            f"cannot hold out {n_eval} of {n} sample(s) for evaluation (ratio {ratio}) and keep any for "
+            "training; give evaluation data of its own (--eval_data_path)"
         )
     order = np.random.default_rng(seed).permutation(n)
     return sorted(int(i) for i in order[n_eval:]), sorted(int(i) for i in order[:n_eval])

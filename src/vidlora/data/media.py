@@ -36,6 +36,9 @@ from PIL import Image, ImageOps
 
 from vidlora.errors import VidloraError
 
+#: Seconds allowed to read one sample's media (``--decode_timeout``).
+DEFAULT_DECODE_TIMEOUT = 60.0
+
 
 class MediaError(VidloraError, ValueError):
     """A media file is missing, empty, corrupt or unsupported; the message names the file and the reason."""
@@ -265,7 +268,7 @@ def _decode_targets(
 
 
 def read_video(
-    path: str | os.PathLike[str], num_frames: int = 8, *, timeout_s: float = 60.0
+    path: str | os.PathLike[str], num_frames: int = 8, *, timeout_s: float = DEFAULT_DECODE_TIMEOUT
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``num_frames`` evenly spaced frames of a video, upright, as uint8 RGB.
 
@@ -305,7 +308,7 @@ def read_video(
     return np.stack(frames), indices.astype(np.int64)
 
 
-def probe_video(path: str | os.PathLike[str], *, timeout_s: float = 60.0) -> VideoInfo:
+def probe_video(path: str | os.PathLike[str], *, timeout_s: float = DEFAULT_DECODE_TIMEOUT) -> VideoInfo:
     """Describe a video: exact frame count (from its packets), rate, duration, upright size, codec, rotation.
 
     Decodes only the first frame (for the display rotation and the decoded size).

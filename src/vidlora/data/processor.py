@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from vidlora.data.media import read_image, read_video
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, read_image, read_video
 from vidlora.data.records import Sample
 from vidlora.data.templates import Message, get_template
 from vidlora.data.tokenize import MediaTokenCounts, TokenizedSample, tokenize_prompt, tokenize_sample
@@ -32,6 +32,10 @@ from vidlora.model.configuration import PROMPT_TOKENIZATIONS, ConfigOverrides
 ASPECT_MODES = {"pad": "pad", "square": "resize"}
 #: Media modalities a run can accept (``--X Video Image``, lower-cased).
 MEDIA_MODALITIES: tuple[str, ...] = ("video", "image")
+# The data settings' defaults, here once (the argument classes take theirs from these).
+DEFAULT_TEMPLATE = "v1"
+DEFAULT_ASPECT_RATIO = "pad"
+DEFAULT_MODEL_MAX_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -51,16 +55,18 @@ class Processor:
         modalities: the media a sample may carry (``--X``, and only where the model has the tower).
     """
 
-    template: str = "v1"
-    prompt_tokenization: str = "split_at_media"
-    image_size: int = 224
-    image_tokens: int = 0
-    video_tokens: int = 0
-    num_frames: int | None = None
-    image_aspect_ratio: str = "pad"
-    model_max_length: int | None = 2048
+    # From the model (`for_model` derives them).
+    prompt_tokenization: str
+    image_size: int
+    image_tokens: int
+    video_tokens: int
+    num_frames: int | None
+    mm_vision_select_layer: int
+    # The run's data settings.
+    template: str = DEFAULT_TEMPLATE
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO
+    model_max_length: int | None = DEFAULT_MODEL_MAX_LENGTH
     tokenizer_model_max_length: int | None = None
-    mm_vision_select_layer: int = -2
     modalities: tuple[str, ...] = MEDIA_MODALITIES
 
     def __post_init__(self) -> None:
@@ -73,7 +79,9 @@ class Processor:
         unknown = sorted(set(self.modalities) - set(MEDIA_MODALITIES))
         if unknown:
             problems.append(f"unknown modalities {unknown} (use {', '.join(MEDIA_MODALITIES)})")
-        if (self.num_frames is None) != (self.video_tokens == 0) or (self.num_frames or 1) < 1:
+        if (self.num_frames is None) != (self.video_tokens == 0) or (
+            self.num_frames is not None and self.num_frames < 1
+        ):
             problems.append(f"num_frames {self.num_frames} does not fit video_tokens {self.video_tokens}")
         if self.image_tokens < 0 or self.image_size < 1:
             problems.append("image_tokens must be >= 0 and image_size >= 1")
@@ -91,9 +99,9 @@ class Processor:
         cls,
         config: Any,
         *,
-        template: str = "v1",
-        image_aspect_ratio: str = "pad",
-        model_max_length: int | None = 2048,
+        template: str = DEFAULT_TEMPLATE,
+        image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
+        model_max_length: int | None = DEFAULT_MODEL_MAX_LENGTH,
         tokenizer_model_max_length: int | None = None,
         modalities: Collection[str] = MEDIA_MODALITIES,
     ) -> Processor:
@@ -103,7 +111,8 @@ class Processor:
         ``modalities`` is narrowed to the towers it has.
 
         Raises:
-            UsageError: the towers take different input sizes, or no requested modality has a tower.
+            UsageError: the towers take different input sizes, or the model has a tower for none of
+                the requested modalities.
         """
         towers = {"image": config.image_config, "video": config.video_config}
         sizes = {c.image_size for c in towers.values() if c is not None}
@@ -112,6 +121,12 @@ class Processor:
                 f"the towers take different input sizes {sorted(sizes)}; one pixel size serves both"
             )
         wanted = [m.lower() for m in modalities]
+        available = tuple(m for m in MEDIA_MODALITIES if m in wanted and towers[m] is not None)
+        if wanted and not available:
+            asked = " ".join(m.capitalize() for m in wanted)
+            raise UsageError(
+                f"--X {asked}: the model has no tower for {'it' if len(wanted) == 1 else 'them'}"
+            )
         return cls(
             template=template,
             prompt_tokenization=config.prompt_tokenization,
@@ -123,7 +138,7 @@ class Processor:
             model_max_length=model_max_length,
             tokenizer_model_max_length=tokenizer_model_max_length,
             mm_vision_select_layer=config.mm_vision_select_layer,
-            modalities=tuple(m for m in MEDIA_MODALITIES if m in wanted and towers[m] is not None),
+            modalities=available,
         )
 
     def check_model(self, config: Any, *, where: str = "the checkpoint") -> None:
@@ -189,7 +204,7 @@ class Processor:
         """Crop size and CLIP normalisation of the towers."""
         return PixelSpec(image_size=self.image_size)
 
-    def load_video(self, path: str | Path, *, timeout_s: float = 60.0) -> torch.Tensor:
+    def load_video(self, path: str | Path, *, timeout_s: float = DEFAULT_DECODE_TIMEOUT) -> torch.Tensor:
         """Decode the sampled frames of one video and pre-process them: float32 ``[T, 3, S, S]``."""
         if self.num_frames is None:
             raise UsageError(f"{path}: the model has no video tower")
@@ -233,4 +248,7 @@ class Processor:
         unknown, missing = sorted(set(data) - names), sorted(names - set(data))
         if unknown or missing:
             raise UsageError(f"{where}: unknown fields {unknown}, missing fields {missing}")
-        return cls(**{**data, "modalities": tuple(data["modalities"])})
+        try:
+            return cls(**{**data, "modalities": tuple(data["modalities"])})
+        except TypeError as err:  # a field of the wrong type (a hand-edited file)
+            raise UsageError(f"{where}: {err}") from None

@@ -119,6 +119,18 @@ class Sample:
         """Whether the sample carries a video or at least one image."""
         return self.video is not None or bool(self.images)
 
+    @property
+    def modality(self) -> str:
+        """``video``, ``image``, ``video+image`` or ``text``: the media the sample carries."""
+        if self.video is not None:
+            return "video+image" if self.images else "video"
+        return "image" if self.images else "text"
+
+    @property
+    def modality_label(self) -> str:
+        """What reports group the sample under: its own ``modality`` field, else :attr:`modality`."""
+        return str(self.raw.get("modality") or self.modality)
+
 
 def load_records(
     paths: Sequence[str | Path] | str | Path,
@@ -235,7 +247,8 @@ def _read_objects(path: Path) -> list[Any]:
         return data
 
     objects: list[Any] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: a JSON string may hold U+2028 and others that str.splitlines also splits at.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

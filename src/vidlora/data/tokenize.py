@@ -25,7 +25,8 @@ Mechanics:
   start, and never trained; suffixes it may add (an ``add_eos_token`` setting) are not used —
   the template's terminator (``</s>``) is the trained end of each answer.
 * Text that starts a string (the prompt's start; after a placeholder with ``split_at_media``) is
-  encoded as is (Metaspace prepends its "▁"). Text after a placeholder with ``whole_prompt`` is
+  encoded as a string of its own (Metaspace prepends its "▁"; with ``split_at_media`` a piece that
+  starts with a space gets SentencePiece's dummy "▁" on top, as the original's slow tokenizer does). Text after a placeholder with ``whole_prompt`` is
   encoded *behind the ``<image>`` special token*, whose id is then dropped, so the tokenizer
   treats it as text that follows a special token: Metaspace with ``prepend_scheme="first"``
   (non-legacy LLaMA) prepends no "▁", with ``"always"`` (legacy LLaMA) it does.
@@ -149,7 +150,7 @@ def tokenize_sample(
     tokenizer_model_max_length: int | None = None,
     media_ids: MediaTokenIds | None = None,
     sample_id: str | None = None,
-    tokenization: str = "whole_prompt",
+    tokenization: str,
 ) -> TokenizedSample:
     """Tokenise a training conversation into ids and labels (see the module docstring).
 
@@ -240,7 +241,7 @@ def tokenize_prompt(
     *,
     media_ids: MediaTokenIds | None = None,
     add_generation_prompt: bool = True,
-    tokenization: str = "whole_prompt",
+    tokenization: str,
 ) -> list[int]:
     """Token ids of an inference prompt, built exactly like training's (same pieces, same expansion).
 
@@ -304,7 +305,9 @@ def _encode_segments(
                 context = None
                 fresh = tokenization == "split_at_media"
             else:
-                piece_ids = _encode_piece(tokenizer, piece, fresh, context, media_ids.image)
+                piece_ids = _encode_piece(
+                    tokenizer, piece, fresh, context, media_ids.image, tokenization == "split_at_media"
+                )
                 ids.extend(piece_ids)
                 labels.extend(piece_ids if trained else [IGNORE_INDEX] * len(piece_ids))
                 context = (piece, fresh)
@@ -346,6 +349,7 @@ def _encode_piece(
     fresh: bool,
     context: tuple[str, bool] | None,
     anchor_id: int,
+    sentencepiece_starts: bool,
 ) -> list[int]:
     """Encode one text piece without special tokens, as it tokenises in its place in the prompt.
 
@@ -353,15 +357,16 @@ def _encode_piece(
     present, the piece's ids are the tail of ``encode(context + text)`` beyond ``encode(context)``,
     provided the boundary is a token boundary there. Otherwise (after a placeholder, or when a
     token would straddle the boundary) the piece is encoded on its own: as the start of a string
-    when ``fresh``, else behind ``<image>``.
+    when ``fresh``, else behind ``<image>``. ``sentencepiece_starts``: a string start gets
+    SentencePiece's dummy prefix even before a space (the original's slow tokenizer).
     """
 
     def encode(s: str, first: bool) -> list[int]:
         if first:
-            if s[:1].isspace() and _prefix_swallows_a_space(tokenizer):
+            if sentencepiece_starts and s[:1].isspace() and _prefix_swallows_a_space(tokenizer):
                 # SentencePiece adds its dummy "▁" to every string, even one that starts with a space
                 # (" What" -> "▁", "▁What"); transformers' Metaspace adds it only when the string does
-                # not start with one. Text that starts a string of its own gets SentencePiece's.
+                # not start with one.
                 s = " " + s
             return list(tokenizer.encode(s, add_special_tokens=False))
         ids = tokenizer.encode(IMAGE_PLACEHOLDER + s, add_special_tokens=False)

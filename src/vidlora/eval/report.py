@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vidlora.eval.judge import JudgeResult
 from vidlora.eval.score import exact_match
+from vidlora.jsonl import write_text_atomic
 
 _ITEM_FIELDS = ("id", "turn", "type", "modality", "question", "answer", "prediction")
 
@@ -93,6 +93,4 @@ def write_report(report: Mapping[str, Any], path: str | Path) -> None:
     """Write the report as indented JSON, through a temporary file so a crash leaves no half report."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -195,7 +195,7 @@ def load_references(paths: Sequence[str | Path]) -> dict[tuple[str, int], dict[s
                 f"{where} (id {sample.id!r}): 'types' must list one type per assistant turn "
                 f"({len(turns)}), got {types!r}"
             )
-        modality = _modality_of(sample)
+        modality = sample.modality_label
         for k, (question, answer) in enumerate(turns):
             refs[(sample.id, k)] = {
                 "answer": answer,
@@ -206,15 +206,6 @@ def load_references(paths: Sequence[str | Path]) -> dict[tuple[str, int], dict[s
                 "source": where,
             }
     return refs
-
-
-def _modality_of(sample: Sample) -> str:
-    if sample.raw.get("modality") is not None:
-        return str(sample.raw["modality"])
-    # Same names as `vidlora synth`, derived from which media the sample carries.
-    if sample.video is not None:
-        return "video+image" if sample.images else "video"
-    return "image" if sample.images else "text"
 
 
 def _reference_turns(sample: Sample) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vidlora.data.collate import IGNORE_INDEX, MultimodalCollator
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT
 from vidlora.data.records import Turn
 from vidlora.data.templates import Template, get_template
 from vidlora.infer.load import InferenceModel
@@ -53,7 +54,7 @@ class StopOnString(StoppingCriteria):
 class Generator:
     """Turns requests into answers with a loaded model (see the module docstring)."""
 
-    def __init__(self, loaded: InferenceModel, *, decode_timeout: float = 60.0) -> None:
+    def __init__(self, loaded: InferenceModel, *, decode_timeout: float = DEFAULT_DECODE_TIMEOUT) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor

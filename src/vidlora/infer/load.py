@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -29,6 +29,7 @@ from vidlora.checkpoint import (
     LEGACY_ADAPTER,
     LEGACY_NON_LORA,
     NON_LORA_FILE,
+    RECORD_FILE,
     RunRecord,
     is_adapter_dir,
     load_trainables,
@@ -37,9 +38,11 @@ from vidlora.checkpoint import (
 from vidlora.data.processor import Processor
 from vidlora.errors import NotFoundError, UsageError
 from vidlora.model import keymaps
-from vidlora.model.loading import load_pretrained
+from vidlora.model.hub import keys_of
+from vidlora.model.loading import grow_embeddings, load_pretrained
 from vidlora.model.lora import build_lora_config, peft_adapter_key, quiet_peft, strip_peft_prefix
 from vidlora.model.modeling import register_auto_classes
+from vidlora.model.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -75,31 +78,31 @@ def load_base(
         return InferenceModel(
             loaded.model, loaded.tokenizer, processor, f"model {model_path} ({loaded.report.layout})"
         )
+    if record is None and (path / NON_LORA_FILE).is_file():
+        raise UsageError(
+            f"{path} holds vidlora's trained tensors but no {RECORD_FILE} (was its save interrupted?), so "
+            "the settings it was trained with are unknown: use an earlier checkpoint"
+        )
     base_name = model_base or (record.base.model_name_or_path if record is not None else None)
     if not base_name:
         raise UsageError(
             f"{path} is a LoRA adapter without a recorded base model: pass --model_base (the model it was trained on)"
         )
-    base = record.base if record is not None else None
+    base_kwargs = record.base.load_kwargs() if record is not None else {}
+    if _holds_projector(path):
+        # The checkpoint's own projector replaces the pre-trained one: that file is not needed.
+        base_kwargs["pretrain_mm_mlp_adapter"] = None
+    if cache_dir is not None:
+        base_kwargs["cache_dir"] = cache_dir
     loaded = load_pretrained(
-        base_name,
-        video_tower=base.video_tower if base else None,
-        image_tower=base.image_tower if base else None,
-        pretrain_mm_mlp_adapter=base.pretrain_mm_mlp_adapter if base else None,
-        mm_projector_type=base.mm_projector_type if base else None,
-        overrides=record.config_overrides if record else None,
-        cache_dir=cache_dir or (base.cache_dir if base else None),
-        **options,
+        base_name, overrides=record.config_overrides if record else None, **base_kwargs, **options
     )
     model, tokenizer = loaded.model, loaded.tokenizer
     if (path / "tokenizer_config.json").is_file():
-        from vidlora.model.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(path, text_config=model.config.text_config)
+        absent_legacy = record.absent_legacy if record is not None else True
+        tokenizer = load_tokenizer(path, text_config=model.config.text_config, absent_legacy=absent_legacy)
         # Grow only: a vocabulary padded past the tokenizer (the -hf port's 32064 rows) stays as trained.
-        embeddings = cast(torch.nn.Embedding, model.get_input_embeddings())  # typed as a plain Module
-        if len(tokenizer) > embeddings.num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
+        grow_embeddings(model, len(tokenizer))
     processor = _processor(record, model.config)
     return InferenceModel(model, tokenizer, processor, f"adapter {path} on base {base_name}")
 
@@ -150,6 +153,12 @@ def load_for_inference(
     return InferenceModel(
         model, loaded.tokenizer, loaded.processor, loaded.description.replace("adapter", kind, 1)
     )
+
+
+def _holds_projector(path: Path) -> bool:
+    """Whether a checkpoint's non-LoRA trainables include the projector (they replace any other)."""
+    file = path / NON_LORA_FILE
+    return file.is_file() and any(key.startswith("mm_projector.") for key in keys_of([file]))
 
 
 def _processor(record: RunRecord | None, config: Any) -> Processor:

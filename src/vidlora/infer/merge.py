@@ -12,21 +12,36 @@ has no temporal attention, so a base with temporal layers cannot be written ther
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from vidlora.checkpoint import RECORD_FILE
+from vidlora.checkpoint import BaseModel, RunRecord, read_record, write_record
 from vidlora.errors import UsageError
 from vidlora.infer.load import load_for_inference
+from vidlora.jsonl import write_text_atomic
 from vidlora.model import keymaps
 
 
-def hf_config_dict(config) -> dict:
+def hf_cannot_hold(config) -> str | None:
+    """Why transformers' ``VideoLlavaForConditionalGeneration`` cannot hold this model, or None."""
+    if config.video_config is not None and config.video_config.add_time_attn:
+        return "it has no temporal attention (the video tower's temporal layers)"
+    if config.mm_projector_type != "mlp2x_gelu":
+        return f"its projector is mlp2x_gelu only (this model's is {config.mm_projector_type})"
+    towers = [c for c in (config.image_config, config.video_config) if c is not None]
+    vision = [{k: v for k, v in c.to_dict().items() if k not in ("num_frames", "add_time_attn", "model_type")}
+              for c in towers]  # fmt: skip
+    if len(towers) != 2 or vision[0] != vision[1]:
+        return "it has one vision config for both towers (this model's towers differ or one is missing)"
+    return None
+
+
+def hf_config_dict(config, prompt_tokenization: str) -> dict:
     """A transformers ``VideoLlavaConfig`` for our config (both towers share one vision config)."""
     from transformers import VideoLlavaConfig
 
@@ -49,7 +64,7 @@ def hf_config_dict(config) -> dict:
         pad_token_id=config.pad_token_id,
     )
     # Not a transformers field: how the model's prompts were tokenized in training, for vidlora.
-    return {**hf.to_dict(), "prompt_tokenization": config.prompt_tokenization}
+    return {**hf.to_dict(), "prompt_tokenization": prompt_tokenization}
 
 
 def save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
@@ -87,30 +102,37 @@ def merge(
     cache_dir: str | None = None,
 ) -> Path:
     """Merge and save; returns the output directory."""
+    if layout not in (None, "ours", "hf"):
+        raise UsageError(f"--layout {layout}: use ours or hf")
     loaded = load_for_inference(model_path, model_base, merge=True, cache_dir=cache_dir)
     model = loaded.model
     config = model.config
-    temporal = config.video_config is not None and config.video_config.add_time_attn
+    reason = hf_cannot_hold(config)
     if layout is None:
-        layout = "ours" if temporal else "hf"
-    if layout not in ("ours", "hf"):
-        raise UsageError(f"--layout {layout}: use ours or hf")
-    if layout == "hf" and temporal:
-        raise UsageError("--layout hf cannot hold the video tower's temporal attention; use --layout ours")
+        layout = "ours" if reason else "hf"
+    if layout == "hf" and reason:
+        raise UsageError(
+            f"--layout hf: transformers' VideoLlavaForConditionalGeneration {reason}; use --layout ours"
+        )
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
+    # The merged model is tokenized as the checkpoint was trained (its processor), whatever its base says.
+    tokenization = loaded.processor.prompt_tokenization
     state = dict(model.state_dict())
     if layout == "hf":
         tensors = keymaps.convert_from_ours(state, "hf")
-        (target / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+        write_text_atomic(target / "config.json", json.dumps(hf_config_dict(config, tokenization), indent=2))
     else:
         tensors = state
-        config.save_pretrained(target)
+        merged_config = copy.deepcopy(config)
+        merged_config.prompt_tokenization = tokenization
+        merged_config.save_pretrained(target)
     save_sharded(tensors, target, max_shard_size_mb * 1024 * 1024)
     loaded.tokenizer.save_pretrained(target)
-    source_record = Path(model_path) / RECORD_FILE
-    if source_record.is_file():
-        shutil.copyfile(source_record, target / RECORD_FILE)
+    record = read_record(model_path) if Path(model_path).is_dir() else None
+    base = record.base if record is not None else BaseModel(model_path)
+    training = record.training if record is not None else {}
+    write_record(target, RunRecord(base=base, processor=loaded.processor, training=training))
     return target
 
 

@@ -14,20 +14,21 @@ short is cut off and written again (:mod:`vidlora.jsonl`), so every line stays v
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from transformers import HfArgumentParser
 
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT
 from vidlora.data.records import Sample, Turn, load_records, resolve_media
 from vidlora.errors import UsageError
-from vidlora.jsonl import JsonlAppender, read_jsonl
+from vidlora.jsonl import JsonlAppender, read_jsonl, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,6 @@ def sample_type(sample: Sample, turn: int) -> str | None:
     return raw.get("type")
 
 
-def sample_modality(sample: Sample) -> str:
-    raw_modality = sample.raw.get("modality")
-    if raw_modality:
-        return raw_modality
-    parts = (["video"] if sample.video else []) + (["image"] if sample.images else [])
-    return "+".join(parts) or "text"
-
-
 def read_done(path: Path) -> set[tuple[str, int]]:
     """(id, turn) pairs already in a predictions file; a torn last line (a kill mid-write) is not done."""
     if not path.exists():
@@ -113,7 +106,7 @@ def shard_path(out: Path, index: int, count: int) -> Path:
 def merge_shards(out: Path, count: int, order: list[tuple[str, int]]) -> bool:
     """Merge complete shard files into ``out`` in dataset order; False if a shard is incomplete.
 
-    The merged file is written beside ``out`` and renamed over it, so a kill never leaves it half-written.
+    The merged file is written atomically, so a kill never leaves it half-written.
     """
     records: dict[tuple[str, int], Any] = {}
     for index in range(count):
@@ -124,59 +117,44 @@ def merge_shards(out: Path, count: int, order: list[tuple[str, int]]) -> bool:
             records[(str(record["id"]), int(record.get("turn", 0)))] = record
     if any(key not in records for key in order):
         return False
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text("".join(json.dumps(records[key], ensure_ascii=False) + "\n" for key in order))
-    partial.replace(out)
+    write_text_atomic(out, "".join(json.dumps(records[key], ensure_ascii=False) + "\n" for key in order))
     return True
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidlora predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_path", required=True, help="checkpoint, merged model or base model")
-    parser.add_argument(
-        "--model_base", default=None, help="base model of a LoRA checkpoint (default: recorded)"
-    )
-    parser.add_argument("--data_path", required=True, nargs="+", help="Video-LLaVA JSON/JSONL file(s)")
-    parser.add_argument("--video_folder", default=None)
-    parser.add_argument("--image_folder", default=None)
-    parser.add_argument("--out", required=True, help="predictions JSONL")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--num_shards", type=int, default=None, help="default: WORLD_SIZE or 1")
-    parser.add_argument("--shard_index", type=int, default=None, help="default: RANK or 0")
-    parser.add_argument("--allow_media_outside_folder", action="store_true")
-    parser.add_argument("--decode_timeout", type=float, default=60.0)
-    parser.add_argument(
-        "--cache_dir", default=None, help="hub cache for the base model (default: the recorded one)"
-    )
-    return parser
 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """What to predict, from what, and how (the flags of `vidlora predict`, one field each)."""
+    """What to predict, from what, and how: the flags of `vidlora predict`, one field each."""
 
-    model_path: str
-    data_path: tuple[str, ...]
-    out: str
-    model_base: str | None = None
-    video_folder: str | None = None
-    image_folder: str | None = None
-    batch_size: int = 8
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    num_shards: int | None = None
-    shard_index: int | None = None
-    allow_media_outside_folder: bool = False
-    decode_timeout: float = 60.0
-    cache_dir: str | None = None
+    model_path: str = field(metadata={"help": "checkpoint, merged model or base model"})
+    data_path: list[str] = field(metadata={"help": "Video-LLaVA JSON/JSONL file(s)", "nargs": "+"})
+    out: str = field(metadata={"help": "predictions JSONL"})
+    model_base: str | None = field(
+        default=None, metadata={"help": "base of a LoRA checkpoint (default: recorded)"}
+    )
+    video_folder: str | None = field(default=None, metadata={"help": "folder video paths are relative to"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder image paths are relative to"})
+    batch_size: int = field(default=8, metadata={"help": "requests per generate() call"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per answer at most"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    num_shards: int | None = field(default=None, metadata={"help": "default: WORLD_SIZE or 1"})
+    shard_index: int | None = field(default=None, metadata={"help": "default: RANK or 0"})
+    allow_media_outside_folder: bool = field(
+        default=False, metadata={"help": "accept absolute/escaping paths"}
+    )
+    decode_timeout: float = field(
+        default=DEFAULT_DECODE_TIMEOUT, metadata={"help": "seconds to read one video"}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "hub cache for the base model (default: the recorded one)"}
+    )
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None) -> PredictOptions:
         """Parse `vidlora predict`'s command line."""
-        values = vars(build_parser().parse_args(argv))
-        return cls(**{**values, "data_path": tuple(values["data_path"])})
+        # HfArgumentParser's stubs take a DataClassType protocol a frozen dataclass also satisfies.
+        parser = HfArgumentParser(cls, prog="vidlora predict", description=__doc__.split("\n\n")[0])  # type: ignore[arg-type]
+        (options,) = parser.parse_args_into_dataclasses(argv)
+        return options
 
 
 def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> Path:
@@ -189,7 +167,7 @@ def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> P
     index = env_index if options.shard_index is None else options.shard_index
     if not 0 <= index < count:
         raise UsageError(f"--shard_index {index} is outside 0..{count - 1}")
-    samples = load_records(list(options.data_path))
+    samples = load_records(options.data_path)
     all_jobs = [(position, job) for position, sample in enumerate(samples) for job in jobs_of(sample)]
     order = [job.key for _, job in all_jobs]
     if len(set(order)) != len(order):
@@ -228,7 +206,7 @@ def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> P
                         "answer": job.answer,
                         "prediction": answer,
                         "type": sample_type(job.sample, job.turn),
-                        "modality": sample_modality(job.sample),
+                        "modality": job.sample.modality_label,
                     }
                     handle.write(record)
                 bar.update(len(batch))
@@ -244,6 +222,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vidlora.cli import run_command
+    from vidlora.errors import run_command
 
     raise SystemExit(run_command("predict", main, sys.argv[1:]))

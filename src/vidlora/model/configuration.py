@@ -19,6 +19,8 @@ MODEL_TYPE = "vidlora_video_llava"
 VIDEO_TOWER_MODEL_TYPE = "vidlora_languagebind_video"
 #: How prompts are tokenized around media placeholders (see `vidlora.data.tokenize`).
 PROMPT_TOKENIZATIONS = ("split_at_media", "whole_prompt")
+#: The tower hidden state used as features when a checkpoint or flag says none (Video-LLaVA's -2).
+DEFAULT_SELECT_LAYER = -2
 
 
 class LanguageBindVideoConfig(CLIPVisionConfig):
@@ -86,7 +88,7 @@ class VideoLlavaConfig(PreTrainedConfig):
         image_config: dict | PreTrainedConfig | None = None
         video_config: dict | PreTrainedConfig | None = None
     mm_projector_type: str = "mlp2x_gelu"
-    mm_vision_select_layer: int = -2
+    mm_vision_select_layer: int = DEFAULT_SELECT_LAYER
     image_token_id: int | None = None
     video_token_id: int | None = None
     pad_token_id: int | None = None

@@ -13,14 +13,12 @@ from typing import Any
 
 import torch
 
-from vidlora.errors import NotFoundError
+from vidlora.errors import NotFoundError, UsageError
 from vidlora.model.report import CheckpointLoadError
 
 CONFIG_NAME = "config.json"
 # Non-weight files fetched from the hub before deciding which weight files are needed.
 _HUB_META_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken"]
-# CLIP vision fields we take from a tower's config; anything else there (LanguageBind's LoRA and
-# patch-dropout training options, the text side) does not change the inference-time tower.
 
 
 def resolve_directory(
@@ -101,7 +99,13 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise NotFoundError(f"{directory}: no {CONFIG_NAME}")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise UsageError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def keys_of(files: list[Path]) -> list[str]:

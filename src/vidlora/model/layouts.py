@@ -28,7 +28,13 @@ from transformers import CONFIG_MAPPING, CLIPVisionConfig, PreTrainedConfig
 
 from vidlora.errors import NotFoundError, UsageError
 from vidlora.model import keymaps
-from vidlora.model.configuration import MODEL_TYPE, LanguageBindVideoConfig, VideoLlavaConfig, num_patches
+from vidlora.model.configuration import (
+    DEFAULT_SELECT_LAYER,
+    MODEL_TYPE,
+    LanguageBindVideoConfig,
+    VideoLlavaConfig,
+    num_patches,
+)
 from vidlora.model.hub import keys_of, read_config, resolve_directory, weight_files
 from vidlora.model.report import LoadReport
 
@@ -185,7 +191,9 @@ def _from_hf(raw: dict[str, Any], report: LoadReport) -> VideoLlavaConfig:
         image_config=image_config,
         video_config=video_config,
         mm_projector_type=_projector_from_hf(raw),
-        mm_vision_select_layer=_select_layer(raw.get("vision_feature_layer", -2), "-hf config"),
+        mm_vision_select_layer=_select_layer(
+            raw.get("vision_feature_layer", DEFAULT_SELECT_LAYER), "-hf config"
+        ),
         image_token_id=raw.get("image_token_index"),
         video_token_id=raw.get("video_token_index"),
         pad_token_id=raw.get("pad_token_id"),
@@ -253,7 +261,9 @@ def _from_original(
         video_config=_video_tower(towers["video_tower"]),
         # The original's default when the key is absent (ModelArguments.mm_projector_type).
         mm_projector_type=raw.get("mm_projector_type", "linear"),
-        mm_vision_select_layer=_select_layer(raw.get("mm_vision_select_layer", -2), str(root)),
+        mm_vision_select_layer=_select_layer(
+            raw.get("mm_vision_select_layer", DEFAULT_SELECT_LAYER), str(root)
+        ),
     )
     return config, sources
 

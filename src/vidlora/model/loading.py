@@ -323,11 +323,8 @@ def _fit_tokenizer(
     ):
         if generation_config is not None:
             generation_config.pad_token_id = ids.pad
-    llm = model.language_model
-    rows = _weight(llm.get_input_embeddings()).shape[0]
-    if len(tokenizer) > rows:
-        _resize_embeddings(llm, len(tokenizer))
-        config.text_config.vocab_size = len(tokenizer)
+    rows = _weight(model.language_model.get_input_embeddings()).shape[0]
+    if grow_embeddings(model, len(tokenizer)):
         report.notes.append(
             f"embeddings resized {rows} -> {len(tokenizer)} rows for the added tokens "
             "(new rows = mean of the old ones, as LLaVA's smart_tokenizer_and_embedding_resize)"
@@ -335,12 +332,22 @@ def _fit_tokenizer(
 
 
 @torch.no_grad()
-def _resize_embeddings(llm: PreTrainedModel, rows: int) -> None:
+def grow_embeddings(model: VideoLlavaForCausalLM, rows: int) -> bool:
+    """Give the LLM's embeddings (and head) ``rows`` rows if it has fewer; True when it grew.
+
+    New rows are the mean of the old ones (LLaVA's smart_tokenizer_and_embedding_resize). A
+    vocabulary padded past the tokenizer (the -hf port's 32064 rows) is never shrunk.
+    """
+    llm = model.language_model
     old = _weight(llm.get_input_embeddings()).shape[0]
+    if rows <= old:
+        return False
     llm.resize_token_embeddings(rows, mean_resizing=False)
+    model.config.text_config.vocab_size = rows
     for emb in _unique_embeddings(llm):
         if not emb.is_meta:
             emb[old:] = emb[:old].mean(dim=0, keepdim=True)
+    return True
 
 
 def _unique_embeddings(llm: PreTrainedModel) -> Iterable[torch.Tensor]:

@@ -32,7 +32,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from vidlora.errors import NotFoundError
+from vidlora.errors import NotFoundError, UsageError
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -246,7 +246,10 @@ def add_media_tokens(tokenizer: PreTrainedTokenizerBase) -> MediaTokenIds:
 
 def media_token_ids(tokenizer: PreTrainedTokenizerBase) -> MediaTokenIds:
     """Return the media/pad ids of a tokenizer that already has them; raise if any is missing."""
-    vocab = tokenizer.get_vocab()
+    # The added tokens are a few; the full vocabulary (32k for LLaMA) only when they are not there.
+    vocab = tokenizer.added_tokens_encoder
+    if IMAGE_TOKEN not in vocab or VIDEO_TOKEN not in vocab:
+        vocab = tokenizer.get_vocab()
     missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in vocab]
     if missing or tokenizer.pad_token_id is None:
         raise ValueError(
@@ -257,7 +260,11 @@ def media_token_ids(tokenizer: PreTrainedTokenizerBase) -> MediaTokenIds:
 
 
 def load_tokenizer(
-    directory: str | Path, *, text_config: PreTrainedConfig | None = None, notes: list[str] | None = None
+    directory: str | Path,
+    *,
+    text_config: PreTrainedConfig | None = None,
+    notes: list[str] | None = None,
+    absent_legacy: bool = True,
 ) -> PreTrainedTokenizerBase:
     """A checkpoint directory's tokenizer, read as the original stack read it, with the media tokens.
 
@@ -270,6 +277,9 @@ def load_tokenizer(
         directory: the checkpoint (or tokenizer) directory.
         text_config: the LLM's config; tells AutoTokenizer the family when tokenizer_config.json does not.
         notes: decisions are appended here (the legacy default, the tokens added).
+        absent_legacy: what a missing ``legacy`` key means: True (transformers 4.31, the original's
+            stack); False only for a tokenizer saved by vidlora 0.1, which trained with
+            transformers 5's default and saved no key.
 
     Raises:
         NotFoundError: no tokenizer can be read from the directory.
@@ -278,16 +288,20 @@ def load_tokenizer(
     notes = [] if notes is None else notes
     kwargs: dict[str, Any] = {}
     settings_file = directory / "tokenizer_config.json"
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    try:
+        settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
+    except ValueError as err:
+        raise UsageError(f"{settings_file}: not valid JSON ({err})") from None
     family = settings.get("tokenizer_class") or (
         "LlamaTokenizer" if getattr(text_config, "model_type", None) == "llama" else None
     )
     if family in LEGACY_TOKENIZER_CLASSES and "legacy" not in settings:
-        kwargs["legacy"] = True
-        notes.append(
-            "tokenizer: tokenizer_config.json has no 'legacy' key; loaded with legacy=True, the default of "
-            "transformers 4.31 (the original's stack), so the ids are the ones the model was trained on"
-        )
+        kwargs["legacy"] = absent_legacy
+        if absent_legacy:
+            notes.append(
+                "tokenizer: tokenizer_config.json has no 'legacy' key; loaded with legacy=True, the default of "
+                "transformers 4.31 (the original's stack), so the ids are the ones the model was trained on"
+            )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), config=text_config, **kwargs)
     except (OSError, ValueError) as err:

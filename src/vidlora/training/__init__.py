@@ -1,1 +1,1 @@
-"""Training internals: the Trainer subclass, callbacks, checkpoint saving."""
+"""Training: the recipe (recipe.py), the Trainer subclass, callbacks, the distributed start."""

@@ -23,11 +23,13 @@ from vidlora.args import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
+    base_model,
     load_options,
+    media_folders,
     processor_options,
     wants_evaluation,
 )
-from vidlora.checkpoint import BaseModel, RunRecord
+from vidlora.checkpoint import RunRecord
 from vidlora.data.dataset import SupervisedDataset, train_eval_split
 from vidlora.data.processor import Processor
 from vidlora.errors import UsageError
@@ -130,10 +132,22 @@ def build_datasets(
     tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[SupervisedDataset, SupervisedDataset | None]:
     """Training dataset and (optionally) evaluation dataset, all records validated up front."""
-    train_set = SupervisedDataset.from_args(data_args, processor, tokenizer)
+
+    def read(paths: list[str]) -> SupervisedDataset:
+        return SupervisedDataset.from_paths(
+            paths,
+            processor=processor,
+            tokenizer=tokenizer,
+            folders=media_folders(data_args),
+            decode_timeout=data_args.decode_timeout,
+            skip_bad_samples=data_args.skip_bad_samples,
+        )
+
+    assert data_args.data_path, "parse_train_args requires --data_path"
+    train_set = read(data_args.data_path)
     eval_set = None
     if data_args.eval_data_path:
-        eval_set = SupervisedDataset.from_args(data_args, processor, tokenizer, eval_split=True)
+        eval_set = read(data_args.eval_data_path)
     elif wants_evaluation(train_args.eval_strategy):
         train_set, eval_set = train_eval_split(train_set, data_args.eval_holdout_ratio, train_args.seed)
         if train_args.should_log:
@@ -161,20 +175,12 @@ def run_record(
     model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, processor: Processor
 ) -> RunRecord:
     """What every checkpoint of this run records: the base to load, the processor, the arguments."""
-    base = BaseModel(
-        model_name_or_path=model_args.model_name_or_path,
-        video_tower=model_args.video_tower,
-        image_tower=model_args.image_tower,
-        pretrain_mm_mlp_adapter=model_args.pretrain_mm_mlp_adapter,
-        mm_projector_type=model_args.mm_projector_type,
-        cache_dir=model_args.cache_dir,
-    )
     training: dict[str, Any] = {
         "model_args": asdict(model_args),
         "data_args": asdict(data_args),
         "training_args": train_args.to_dict(),
     }
-    return RunRecord(base=base, processor=processor, training=training)
+    return RunRecord(base=base_model(model_args), processor=processor, training=training)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
