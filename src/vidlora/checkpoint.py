@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from vidlora.data.processor import MEDIA_MODALITIES, Processor
 from vidlora.errors import UsageError
-from vidlora.jsonl import write_text_atomic
+from vidlora.jsonl import read_json_object, write_text_atomic
 from vidlora.model.configuration import ConfigOverrides
 from vidlora.model.lora import is_lora_name, strip_peft_prefix
 
@@ -141,12 +141,7 @@ def read_record(directory: str | Path) -> RunRecord | None:
     path = Path(directory) / RECORD_FILE
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise UsageError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(path)
     version = data.get("format", 1)
     if version == 1:
         base = BaseModel(str(data.get("base_model") or ""), data.get("video_tower"), data.get("image_tower"))

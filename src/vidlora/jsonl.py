@@ -1,5 +1,5 @@
-"""Files that survive a kill: one JSONL reader and appender for every JSONL vidlora writes, and an
-atomic whole-file writer.
+"""Files that survive a kill: one JSONL reader and appender for every JSONL vidlora writes, an
+atomic whole-file writer, and the one reader of JSON object files (configs, records).
 
 A record is written as one ``json + "\\n"`` and flushed, so a SIGKILL can only leave the *last*
 line cut short — possibly inside a multi-byte character. :class:`JsonlAppender` truncates such a
@@ -135,6 +135,18 @@ class JsonlAppender:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file that must hold one object (a config, a record); anything else is a user error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -16,7 +16,6 @@ inference sees exactly what training saw.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from vidlora.checkpoint import (
 )
 from vidlora.data.processor import Processor
 from vidlora.errors import NotFoundError, UsageError
+from vidlora.jsonl import read_json_object
 from vidlora.model import keymaps
 from vidlora.model.hub import keys_of
 from vidlora.model.loading import grow_embeddings, load_pretrained
@@ -184,7 +184,7 @@ def _load_legacy(model: torch.nn.Module, path: Path):
     """
     from peft import PeftModel, set_peft_model_state_dict
 
-    legacy_config = json.loads((path / ADAPTER_CONFIG).read_text())
+    legacy_config = read_json_object(path / ADAPTER_CONFIG)
     non_lora_path = path / LEGACY_NON_LORA
     if non_lora_path.is_file():
         projector = torch.load(non_lora_path, map_location="cpu", weights_only=True)

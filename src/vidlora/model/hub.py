@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from vidlora.errors import NotFoundError, UsageError
+from vidlora.errors import NotFoundError
+from vidlora.jsonl import read_json_object
 from vidlora.model.report import CheckpointLoadError
 
 CONFIG_NAME = "config.json"
@@ -99,13 +100,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise NotFoundError(f"{directory}: no {CONFIG_NAME}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise UsageError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def keys_of(files: list[Path]) -> list[str]:

@@ -32,7 +32,8 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from vidlora.errors import NotFoundError, UsageError
+from vidlora.errors import NotFoundError
+from vidlora.jsonl import read_json_object
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -288,10 +289,7 @@ def load_tokenizer(
     notes = [] if notes is None else notes
     kwargs: dict[str, Any] = {}
     settings_file = directory / "tokenizer_config.json"
-    try:
-        settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
-    except ValueError as err:
-        raise UsageError(f"{settings_file}: not valid JSON ({err})") from None
+    settings = read_json_object(settings_file) if settings_file.is_file() else {}
     family = settings.get("tokenizer_class") or (
         "LlamaTokenizer" if getattr(text_config, "model_type", None) == "llama" else None
     )
