@@ -698,3 +698,25 @@ def test_presets() -> None:
     reference, _ = build_preset("tiny", seed=3)
     key = "video_tower.encoder.layers.0.temporal_attn.q_proj.weight"
     assert torch.equal(tiny.model.state_dict()[key], reference.state_dict()[key].to(torch.bfloat16))
+
+
+def test_sharded_index_lists_its_shards_and_a_broken_index_names_the_file(tmp_path) -> None:
+    from vidlora.errors import NotFoundError, UsageError
+    from vidlora.model.hub import keys_of, weight_files
+
+    state = {f"w{i}": torch.full((2,), float(i)) for i in range(5)}
+    _save_sharded(state, tmp_path, shards=2)
+    files = weight_files(tmp_path)
+    assert [f.name for f in files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert sorted(keys_of(files)) == sorted(state)
+
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"metadata": {}, "weight_map": {"w0": "model-00001-of-')
+    with pytest.raises(UsageError, match=r"model\.safetensors\.index\.json: not valid JSON"):
+        weight_files(tmp_path)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(UsageError, match=r'model\.safetensors\.index\.json: no "weight_map" object'):
+        weight_files(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"w0": "model-00009-of-00009.safetensors"}}))
+    with pytest.raises(NotFoundError, match=r"shard\(s\) listed but not present: .*model-00009-of-00009"):
+        weight_files(tmp_path)

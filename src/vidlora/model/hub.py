@@ -6,14 +6,13 @@ Weights are read from safetensors (sharded index too) or, for legacy files, with
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vidlora.errors import NotFoundError
+from vidlora.errors import NotFoundError, UsageError
 from vidlora.jsonl import read_json_object
 from vidlora.model.report import CheckpointLoadError
 
@@ -57,12 +56,20 @@ def resolve_directory(
     return root
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from a sharded checkpoint's index file."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise UsageError(f'{index}: no "weight_map" object (not a sharded checkpoint index)')
+    return weight_map
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory: safetensors (sharded or not), else legacy .bin."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = directory / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _weight_map(index)
             files = [directory / name for name in sorted(set(weight_map.values()))]
             absent = [str(f) for f in files if not f.is_file()]
             if absent:
@@ -117,8 +124,7 @@ def keys_of(files: list[Path]) -> list[str]:
             with safe_open(str(path), framework="pt") as handle:
                 keys += list(handle.keys())
         elif index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            keys += [key for key, name in weight_map.items() if name == path.name]
+            keys += [key for key, name in _weight_map(index).items() if name == path.name]
         else:
             keys += list(read_tensors(path))
     return keys
