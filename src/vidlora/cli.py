@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("vidlora.infer.predict", "batched generation over a dataset"),
     "merge": ("vidlora.infer.merge", "merge a LoRA checkpoint into its base model"),
     "eval": ("vidlora.eval.score", "score predictions (exact match, judge protocol)"),
+    "cache": ("vidlora.cache", "decode and pre-process every video/image once into a frame cache"),
+    "plan": ("vidlora.plan", "predict peak GPU memory of a training run and which settings fit"),
+    "bench": ("vidlora.bench", "measure training throughput, data wait, padding and memory vs baselines"),
 }
 
 
