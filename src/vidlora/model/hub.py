@@ -1,12 +1,15 @@
 """Checkpoint files: a local directory for a name (hub snapshots included), its weight files, their tensors.
 
 Weights are read from safetensors (sharded index too) or, for legacy files, with
-``torch.load(weights_only=True)`` only: vidlora never unpickles arbitrary objects.
+``torch.load(weights_only=True)`` only: vidlora never unpickles arbitrary objects. Zip-format
+``.bin`` files (every ``torch.save`` since torch 1.6, the original's shards included) are memory-mapped,
+so reading a shard does not first copy all of it into host memory.
 """
 
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +94,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Only the zip format can be mapped; a pre-1.6 pickle is read whole (weights-only still).
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # torch raises UnpicklingError/RuntimeError variants; name the file
         raise CheckpointLoadError(
             f"{path}: cannot read as a weights-only torch file ({type(err).__name__}: {err}); "
