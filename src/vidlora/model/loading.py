@@ -115,7 +115,7 @@ def load_pretrained(
     if meta:
         report.notes.append("device 'meta': structure only, no weights were read")
     else:
-        _assign_weights(model, plan.sources, dtype, report, fresh_ok=plan.fresh_projector)
+        _assign_weights(model, plan.sources, dtype, device, report, fresh_ok=plan.fresh_projector)
         if strict and not report.ok:
             raise CheckpointLoadError(f"{root}: checkpoint does not match the model (strict loading)", report)
         _materialise_fresh(model, report, dtype, seed)
@@ -158,15 +158,27 @@ def _load_preset(
     return LoadedModel(model=model, tokenizer=tokenizer, report=report)
 
 
+def declared_dtype(raw: dict[str, Any]) -> torch.dtype | None:
+    """The dtype a checkpoint's ``config.json`` declares (``torch_dtype``, or transformers 5's ``dtype``;
+    the -hf layout may declare it in ``text_config`` only), None when it declares none."""
+    text = raw.get("text_config")
+    for config in (raw, text if isinstance(text, dict) else {}):
+        name = config.get("torch_dtype") or config.get("dtype")
+        if isinstance(name, str):
+            dtype = getattr(torch, name.removeprefix("torch."), None)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                return dtype
+    return None
+
+
 def _resolve_dtype(torch_dtype: torch.dtype | str | None, raw: dict[str, Any]) -> torch.dtype:
     if torch_dtype is None:
         return torch.float32
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
-    name = torch_dtype
-    if name == "auto":
-        name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
-    dtype = getattr(torch, str(name), None)
+    if torch_dtype == "auto":
+        return declared_dtype(raw) or torch.float32
+    dtype = getattr(torch, str(torch_dtype), None)
     if not isinstance(dtype, torch.dtype):
         raise UsageError(f"unknown torch_dtype {torch_dtype!r}")
     return dtype
@@ -210,11 +222,17 @@ def _assign_weights(
     model: VideoLlavaForCausalLM,
     sources: list[WeightSource],
     dtype: torch.dtype,
+    device: torch.device,
     report: LoadReport,
     *,
     fresh_ok: bool,
 ) -> None:
-    """Place every source tensor into the meta-built model (assign), accounting for each one."""
+    """Place every source tensor into the meta-built model (assign), accounting for each one.
+
+    Tensors go to their final device and dtype one file at a time, so host memory holds about one
+    shard, never a whole model (nor a float32 copy of a bf16 one); a tensor already in the target
+    dtype on the CPU is used as read, without a copy.
+    """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     aliases = _tied_aliases(model)
     filled_by: dict[str, str] = {}  # our key -> the key whose tensor provided it (itself, or a tied one)
@@ -248,10 +266,12 @@ def _assign_weights(
                     raise CheckpointLoadError(
                         f"{path}: {key} provides {ours}, which another file already provided"
                     )
-                part[ours] = tensors[key].to(dtype) if tensors[key].is_floating_point() else tensors[key]
+                tensor = tensors[key]
+                part[ours] = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
                 filled_by.update(dict.fromkeys(aliases.get(ours, [ours]), ours))
             model.load_state_dict(part, strict=False, assign=True)
             src_report.loaded = len(part)
+            del tensors, part  # this file's host copies go before the next file is read
     # Mismatched keys are not also reported as missing.
     mismatched = {m[0] for m in report.mismatched}
     for key in (k for k in expected if k not in filled_by and k not in mismatched):
