@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vidlora.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Turn
 from vidlora.errors import NotFoundError, UsageError
+from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -89,18 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache_dir", default=None, help="hub cache for the base model (default: the recorded one)"
     )
+    parser.add_argument("--device", default=AUTO, help=DEVICE_HELP)
+    parser.add_argument("--dtype", default=AUTO, help=DTYPE_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from transformers import TextStreamer
 
+    from vidlora.infer.device import detect_placement
     from vidlora.infer.generate import Generator
     from vidlora.infer.load import load_for_inference
 
     args = build_parser().parse_args(argv)
     video, images = split_files(args.file)
-    loaded = load_for_inference(args.model_path, args.model_base, cache_dir=args.cache_dir)
+    placement = detect_placement(args.device, args.dtype, purpose="inference")
+    loaded = load_for_inference(
+        args.model_path,
+        args.model_base,
+        cache_dir=args.cache_dir,
+        torch_dtype=placement.dtype,
+        device=str(placement.device),
+    )
     print(
         f"vidlora chat: {loaded.description}; template {loaded.processor.template}. Empty line to quit.",
         file=sys.stderr,

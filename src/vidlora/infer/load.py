@@ -6,7 +6,7 @@
   its base is rebuilt from the run record (the base model, its towers, the feature layer and
   frames it trained with), or from ``--model_base`` when given;
 * a legacy original output (``adapter_model.bin`` + ``non_lora_trainables.bin``, read with
-  ``torch.load(weights_only=True)``), whose keys use the original layout;
+  ``torch.load(weights_only=True)``, memory-mapped), whose keys use the original layout;
 * a merged model or a base model in any layout `load_pretrained` reads.
 
 Nothing depends on folder names: the files present decide. The processor comes from the run
@@ -38,8 +38,8 @@ from vidlora.data.processor import Processor
 from vidlora.errors import NotFoundError, UsageError
 from vidlora.jsonl import read_json_object
 from vidlora.model import keymaps
-from vidlora.model.hub import keys_of
-from vidlora.model.loading import grow_embeddings, load_pretrained
+from vidlora.model.hub import keys_of, read_config, read_tensors, resolve_directory
+from vidlora.model.loading import PRESETS, declared_dtype, grow_embeddings, load_pretrained
 from vidlora.model.lora import build_lora_config, peft_adapter_key, quiet_peft, strip_peft_prefix
 from vidlora.model.modeling import register_auto_classes
 from vidlora.model.tokenizer import load_tokenizer
@@ -155,6 +155,28 @@ def load_for_inference(
     )
 
 
+def checkpoint_dtype(
+    model_path: str, model_base: str | None = None, *, cache_dir: str | None = None
+) -> torch.dtype | None:
+    """The dtype the weights behind ``model_path`` are stored in, as their config declares it.
+
+    For a LoRA checkpoint that is its base's (``model_base``, else the recorded one); None for a
+    preset or a config that declares none. Reads config files only, no weights.
+    """
+    path = Path(model_path)
+    name = model_path
+    if path.is_dir() and is_adapter_dir(path):
+        record = read_record(path)
+        name = model_base or (record.base.model_name_or_path if record is not None else "")
+        if cache_dir is None and record is not None:
+            cache_dir = record.base.cache_dir
+        if not name:
+            return None  # load_base says what is missing
+    if name in PRESETS:
+        return None
+    return declared_dtype(read_config(resolve_directory(name, cache_dir=cache_dir, weights=False)))
+
+
 def _holds_projector(path: Path) -> bool:
     """Whether a checkpoint's non-LoRA trainables include the projector (they replace any other)."""
     file = path / NON_LORA_FILE
@@ -187,7 +209,7 @@ def _load_legacy(model: torch.nn.Module, path: Path):
     legacy_config = read_json_object(path / ADAPTER_CONFIG)
     non_lora_path = path / LEGACY_NON_LORA
     if non_lora_path.is_file():
-        projector = torch.load(non_lora_path, map_location="cpu", weights_only=True)
+        projector = read_tensors(non_lora_path)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key, tensor in projector.items():
@@ -204,7 +226,7 @@ def _load_legacy(model: torch.nn.Module, path: Path):
     )
     with quiet_peft():
         peft_model = PeftModel(model, lora_config)
-    adapter = torch.load(path / LEGACY_ADAPTER, map_location="cpu", weights_only=True)
+    adapter = read_tensors(path / LEGACY_ADAPTER)
     renamed = {}
     for key, tensor in adapter.items():
         matrix = "A" if ".lora_A." in key else "B"

@@ -7,7 +7,7 @@ paired with the wrong question, however the work was sharded.
 
 Sharding: run one process per GPU with `torchrun --nproc_per_node N -m vidlora.infer.predict …`
 (or pass --num_shards/--shard_index yourself). Shard k takes every N-th sample and writes
-``OUT.shard-k-of-N``; when all shards are complete, shard 0 (or a later run) merges them into
+``OUT.shard-k-of-N``; under torchrun each rank loads the model on its own ``cuda:LOCAL_RANK``; when all shards are complete, shard 0 (or a later run) merges them into
 ``OUT`` in dataset order. Rerunning skips the (id, turn) pairs already written; a line a kill cut
 short is cut off and written again (:mod:`vidlora.jsonl`), so every line stays valid.
 """
@@ -28,6 +28,7 @@ from transformers import HfArgumentParser
 from vidlora.data.media import DEFAULT_DECODE_TIMEOUT
 from vidlora.data.records import Sample, Turn, load_records, resolve_media
 from vidlora.errors import UsageError
+from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
 from vidlora.jsonl import JsonlAppender, read_jsonl, write_text_atomic
 
 
@@ -147,6 +148,8 @@ class PredictOptions:
     cache_dir: str | None = field(
         default=None, metadata={"help": "hub cache for the base model (default: the recorded one)"}
     )
+    device: str = field(default=AUTO, metadata={"help": DEVICE_HELP})
+    dtype: str = field(default=AUTO, metadata={"help": DTYPE_HELP})
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None) -> PredictOptions:
@@ -159,6 +162,7 @@ class PredictOptions:
 
 def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> Path:
     """Run predictions (see the module docstring); returns the path of the written file."""
+    from vidlora.infer.device import detect_placement
     from vidlora.infer.generate import Generator, Request
     from vidlora.infer.load import load_for_inference
 
@@ -179,9 +183,15 @@ def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> P
     done = read_done(path)
     todo = [job for job in mine if job.key not in done]
     if todo:
-        loaded = loaded or load_for_inference(
-            options.model_path, options.model_base, cache_dir=options.cache_dir
-        )
+        if loaded is None:
+            placement = detect_placement(options.device, options.dtype, purpose="inference")
+            loaded = load_for_inference(
+                options.model_path,
+                options.model_base,
+                cache_dir=options.cache_dir,
+                torch_dtype=placement.dtype,
+                device=str(placement.device),
+            )
         generator = Generator(loaded, decode_timeout=options.decode_timeout)
         with (
             JsonlAppender(path) as handle,
