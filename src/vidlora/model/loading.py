@@ -115,7 +115,7 @@ def load_pretrained(
     if meta:
         report.notes.append("device 'meta': structure only, no weights were read")
     else:
-        _assign_weights(model, plan.sources, dtype, device, report, fresh_ok=plan.fresh_projector)
+        _assign_weights(model, plan.sources, dtype, report, fresh_ok=plan.fresh_projector, device=device)
         if strict and not report.ok:
             raise CheckpointLoadError(f"{root}: checkpoint does not match the model (strict loading)", report)
         _materialise_fresh(model, report, dtype, seed)
@@ -222,17 +222,18 @@ def _assign_weights(
     model: VideoLlavaForCausalLM,
     sources: list[WeightSource],
     dtype: torch.dtype,
-    device: torch.device,
     report: LoadReport,
     *,
     fresh_ok: bool,
+    device: torch.device | None = None,
 ) -> None:
     """Place every source tensor into the meta-built model (assign), accounting for each one.
 
     Tensors go to their final device and dtype one file at a time, so host memory holds about one
     shard, never a whole model (nor a float32 copy of a bf16 one); a tensor already in the target
-    dtype on the CPU is used as read, without a copy.
+    dtype on the CPU is used as read, without a copy. ``device`` defaults to the CPU.
     """
+    device = device or torch.device("cpu")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     aliases = _tied_aliases(model)
     filled_by: dict[str, str] = {}  # our key -> the key whose tensor provided it (itself, or a tied one)
