@@ -11,6 +11,7 @@ the decode timeout: `data.media`); the rest live here. `vidlora check` parses th
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -173,6 +174,13 @@ class TrainingArguments(transformers.TrainingArguments):
     stop_on_nonfinite: bool = field(
         default=True, metadata={"help": "Stop with a clear message on a NaN/inf loss or gradient."}
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's unused-parameter search. Off: every trained parameter (LoRA, projector) gets "
+            "a gradient every step, as all towers run; True only for a model that skips some."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Old spellings the original uses; transformers 5 dropped them.
@@ -184,7 +192,46 @@ class TrainingArguments(transformers.TrainingArguments):
         # name; it is the original's interface here, so it is translated without a warning.
         if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
             self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
+        stage = _zero_stage(self.deepspeed)
         super().__post_init__()
+        if self.activation_checkpointing:
+            kwargs = checkpointing_kwargs(
+                self.activation_checkpointing_kwargs,
+                zero_stage=stage,
+                deepspeed_version=_version("deepspeed"),
+            )
+            # The old name mirrors the new one (transformers 5 keeps both in step).
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+
+
+# The first DeepSpeed verified to keep frozen weights gathered through a non-reentrant checkpoint's
+# recompute under ZeRO-3 (deepspeedai/DeepSpeed#8148); older ones fail in backward with
+# CheckpointError "saved shape [4096] vs recomputed [0]" on a LoRA model (frozen base weights).
+ZERO3_NON_REENTRANT_DEEPSPEED = "0.19.8"
+
+
+def checkpointing_kwargs(
+    kwargs: dict[str, Any] | str | None, *, zero_stage: int | None, deepspeed_version: str | None
+) -> dict[str, Any] | str | None:
+    """Activation-checkpointing keyword arguments for the run: re-entrant under ZeRO-3 with a DeepSpeed
+    older than `ZERO3_NON_REENTRANT_DEEPSPEED` (transformers 5 defaults to non-reentrant), unless
+    ``--gradient_checkpointing_kwargs`` chose ``use_reentrant`` already."""
+    from packaging.version import Version
+
+    if zero_stage != 3 or deepspeed_version is None or not isinstance(kwargs, dict | None):
+        return kwargs
+    if "use_reentrant" in (kwargs or {}) or Version(deepspeed_version) >= Version(
+        ZERO3_NON_REENTRANT_DEEPSPEED
+    ):
+        return kwargs
+    return {**(kwargs or {}), "use_reentrant": True}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def wants_evaluation(eval_strategy: object) -> bool:
