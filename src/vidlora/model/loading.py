@@ -77,7 +77,8 @@ def load_pretrained(
         strict: raise `CheckpointLoadError` on missing, shape-mismatched or unexpected weights.
         torch_dtype: dtype of the loaded weights (a torch dtype, its name, or ``auto`` for the
             checkpoint config's); default float32.
-        device: where the model ends up; ``meta`` builds the structure only (no weights are read).
+        device: where the model ends up (weights are placed there file by file); ``meta`` builds the
+            structure only (no weights are read).
         cache_dir: hub cache directory.
         seed: seed for weights initialised fresh (projector without adapter; missing weights of a
             non-strict load) and for presets. Rows added for new tokens are the mean of the old rows.
@@ -229,8 +230,8 @@ def _assign_weights(
 ) -> None:
     """Place every source tensor into the meta-built model (assign), accounting for each one.
 
-    Tensors go to their final device and dtype one file at a time, so host memory holds about one
-    shard, never a whole model (nor a float32 copy of a bf16 one); a tensor already in the target
+    Tensors go to their final device and dtype one file at a time, so a model loaded onto a GPU
+    never sits whole in host memory (about one shard does), and a tensor already in the target
     dtype on the CPU is used as read, without a copy. ``device`` defaults to the CPU.
     """
     device = device or torch.device("cpu")
