@@ -77,3 +77,13 @@ def test_every_command_has_the_flags_defaulting_to_auto():
     assert (chat.device, chat.dtype) == ("cpu", "bfloat16")
     merge = merge_parser().parse_args(["--model_path", "m", "--out", "o"])
     assert (merge.device, merge.dtype) == ("auto", "auto")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_asking_for_a_gpu_without_one_is_one_line_and_exit_2(tmp_path, capsys):
+    from vidlora.cli import main as vidlora
+
+    code = vidlora(["merge", "--model_path", "tiny", "--out", str(tmp_path / "m"), "--device", "cuda"])
+    assert code == 2
+    assert "vidlora merge: error: --device cuda: no CUDA GPU is visible here" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
