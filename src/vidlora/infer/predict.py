@@ -147,6 +147,12 @@ class PredictOptions:
     cache_dir: str | None = field(
         default=None, metadata={"help": "hub cache for the base model (default: the recorded one)"}
     )
+    frame_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "frame cache directory (`vidlora cache`): pre-processed pixels read, or stored, there"
+        },
+    )
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None) -> PredictOptions:
@@ -159,6 +165,7 @@ class PredictOptions:
 
 def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> Path:
     """Run predictions (see the module docstring); returns the path of the written file."""
+    from vidlora.data.frame_cache import FrameCache
     from vidlora.infer.generate import Generator, Request
     from vidlora.infer.load import load_for_inference
 
@@ -182,7 +189,11 @@ def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> P
         loaded = loaded or load_for_inference(
             options.model_path, options.model_base, cache_dir=options.cache_dir
         )
-        generator = Generator(loaded, decode_timeout=options.decode_timeout)
+        generator = Generator(
+            loaded,
+            decode_timeout=options.decode_timeout,
+            frame_cache=FrameCache.from_flag(options.frame_cache),
+        )
         with (
             JsonlAppender(path) as handle,
             tqdm(total=len(todo), desc="predict", disable=not progress) as bar,
