@@ -251,6 +251,34 @@ def test_two_processes_filling_one_cache(media, tmp_path):
     assert reader.stats == CacheStats(hits=3)
     assert len(_entries(root)) == 3 and reader.temp_files() == []
     assert [p for p in root.rglob("*") if p.is_file() and p.suffix != ".safetensors"] == []
+    # The entries one process alone writes: same files, metadata and tensors (safetensors orders the
+    # metadata of each writer its own way, so the bytes are not compared).
+    alone = FrameCache(tmp_path / "alone")
+    for path in paths[:3]:
+        alone.load_video(processor, path)
+    names = [p.relative_to(alone.root) for p in _entries(alone.root)]
+    assert names == [p.relative_to(root) for p in _entries(root)]
+    for name in names:
+        (meta_a, pixels_a), (meta_b, pixels_b) = (_read_entry(r / name) for r in (alone.root, root))
+        assert meta_a == meta_b and torch.equal(pixels_a, pixels_b)
+
+
+def _read_entry(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata(), handle.get_tensor(TENSOR_NAME)
+
+
+def test_stale_temp_files_of_killed_writers_are_removed(tmp_path):
+    cache = FrameCache(tmp_path / "cache")
+    (cache.root / "ab").mkdir()
+    old, fresh = cache.root / "ab" / ".abc.1.tmp", cache.root / "ab" / ".abc.2.tmp"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (1, 1))
+    assert cache.temp_files() == [old, fresh]
+    assert cache.remove_stale_temp_files() == 1 and cache.temp_files() == [fresh]
 
 
 # -- `vidlora cache` ---------------------------------------------------------------------------------

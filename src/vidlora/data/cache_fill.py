@@ -84,6 +84,7 @@ class FillReport:
     samples: int
     root: str
     disk: tuple[int, int]  # every entry under root: (count, bytes)
+    stale_temp_files: int = 0  # left by killed writers, removed before filling
 
     @property
     def ok(self) -> bool:
@@ -101,6 +102,7 @@ class FillReport:
                 for kind, sizes in self.entry_bytes.items()
             },
             "disk": {"entries": self.disk[0], "bytes": self.disk[1]},
+            "stale_temp_files_removed": self.stale_temp_files,
             "failures": [p.to_dict() for p in self.failures],
             "other_problems": [p.to_dict() for p in self.other_problems],
         }
@@ -120,6 +122,8 @@ class FillReport:
         total = sum(sum(sizes) for sizes in self.entry_bytes.values())
         lines.append("  " + "; ".join(parts) + f"; total {total / MB:.3f} MB")
         lines.append(f"  cache directory: {self.disk[0]} entries, {self.disk[1] / MB:.3f} MB")
+        if self.stale_temp_files:
+            lines.append(f"  removed {self.stale_temp_files} temporary file(s) left by killed writers")
         if self.other_problems:
             lines.append(
                 f"  {len(self.other_problems)} problem(s) not about a media file (records, tokenization): "
@@ -153,6 +157,7 @@ def fill_cache(
     progress: bool = True,
 ) -> FillReport:
     """Fill ``cache`` with every media file of ``data_paths`` as training reads them (module docstring)."""
+    stale = cache.remove_stale_temp_files()
     samples, problems = read_samples(list(data_paths))
     failures = [p for p in problems if p.file is not None]
     other = [p for p in problems if p.file is None]
@@ -196,4 +201,5 @@ def fill_cache(
         samples=len(samples),
         root=str(cache.root),
         disk=cache.disk_usage(),
+        stale_temp_files=stale,
     )

@@ -50,6 +50,8 @@ TEMP_SUFFIX = ".tmp"
 # without its stat changing (git's "racy" entries); its content hash is then not memoised.
 _RACY_NS = 2_000_000_000
 _HASH_CHUNK = 1 << 20
+#: A temporary file this old belongs to a writer that was killed (a write takes well under a second).
+STALE_TEMP_S = 3600.0
 
 
 class FrameCacheError(VidloraError):
@@ -264,6 +266,21 @@ class FrameCache:
     def temp_files(self) -> list[Path]:
         """Temporary files of writes in progress (or of writers that were killed)."""
         return sorted(self.root.glob(f"*/.*{TEMP_SUFFIX}"))
+
+    def remove_stale_temp_files(self, older_than_s: float = STALE_TEMP_S) -> int:
+        """Remove temporary files a killed writer left (older than any write takes); returns how many."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for temp in self.temp_files():
+            try:
+                if temp.stat().st_mtime < cutoff:
+                    temp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer finished meanwhile
+                continue
+            except OSError as err:
+                raise FrameCacheError(f"frame cache {temp}: cannot remove ({err})") from None
+        return removed
 
     # -- internals -------------------------------------------------------------------------
 
