@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 
 import av
 import numpy as np
@@ -368,3 +369,74 @@ def test_check_with_a_frame_cache_fills_it_as_the_cache_command_would(synth, tmp
     assert f"frame cache {cache}: " in out and _counts(out)[0] == (0, n, 0)
     assert _cache_cli(synth, cache, synth / "train.json") == 0
     assert _counts(capsys.readouterr().out) == ((n, 0, 0), 0.0)
+
+
+def test_the_content_hash_is_memoised_only_while_the_file_is_unchanged(media, tmp_path, monkeypatch):
+    import vidlora.data.frame_cache as frame_cache
+
+    hashed = []
+
+    def counting(path):
+        hashed.append(path)
+        return content_id(path)
+
+    monkeypatch.setattr(frame_cache, "content_id", counting)
+    monkeypatch.setattr(frame_cache, "_RACY_NS", 0)  # memoise even a file written a moment ago
+    processor = _processor()
+    cache = FrameCache(tmp_path / "cache")
+    video = media / "v0.avi"
+    cache.load_video(processor, video)
+    cache.load_video(processor, video)
+    assert len(hashed) == 1 and cache.stats.hits == 1
+    st = os.stat(video)
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    write_raw_video(video, seed=98)  # same size; the old mtime is restored, the ctime cannot be
+    os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns))
+    got = cache.load_video(processor, video)
+    assert len(hashed) == 2 and cache.stats.misses == 2
+    assert torch.equal(got, processor.load_video(video))
+
+
+def test_cache_command_flag_errors(synth, tmp_path, capsys):
+    argv = ["cache", "--data_path", str(synth / "train.json"), "--no_progress"]
+    assert vidlora(argv) == 2
+    assert "--frame_cache DIR is required" in capsys.readouterr().err
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    assert vidlora([*argv, "--frame_cache", str(not_a_dir)]) == 2
+    assert f"--frame_cache {not_a_dir}: cannot create the directory" in capsys.readouterr().err
+
+
+def test_dataloader_workers_fill_and_read_one_cache(media, tmp_path):
+    from torch.utils.data import DataLoader
+
+    turns = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    records = tmp_path / "train.json"
+    records.write_text(
+        json.dumps([{"id": f"s{k}", "video": f"v{k}.avi", "conversations": turns} for k in range(3)])
+    )
+    processor, tokenizer = _processor(), build_tiny_tokenizer()
+    cache = FrameCache(tmp_path / "cache")
+
+    def dataset(frame_cache):
+        return SupervisedDataset(
+            load_records(records),
+            processor=processor,
+            tokenizer=tokenizer,
+            folders=MediaFolders(media, media),
+            frame_cache=frame_cache,
+        )
+
+    expected = [item["pixel_values_videos"] for item in dataset(None)]
+    for _ in range(2):  # the first epoch fills the cache in the workers, the second reads it
+        loader = DataLoader(dataset(cache), batch_size=None, num_workers=2)
+        assert all(
+            torch.equal(item["pixel_values_videos"], e) for item, e in zip(loader, expected, strict=True)
+        )
+    assert len(_entries(cache.root)) == 3 and cache.temp_files() == []
+    # The workers counted their own lookups; a process reading the cache now finds every entry.
+    reader = FrameCache(cache.root)
+    assert [reader.load_video(processor, media / f"v{k}.avi").shape for k in range(3)] == [
+        (T, 3, SIZE, SIZE)
+    ] * 3
+    assert reader.stats == CacheStats(hits=3)
