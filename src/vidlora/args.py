@@ -149,6 +149,13 @@ class DataArguments:
         default=None,
         metadata={"help": "Max sequence length after media expansion (default: no extra bound)."},
     )
+    frame_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of decoded, pre-processed frames: media decoded once, read back every epoch "
+            "(filled on first use, or ahead by `vidlora cache`); keyed on file content and pre-processing."
+        },
+    )
 
 
 @dataclass
@@ -357,7 +364,7 @@ def training_problems(
 
 @dataclass
 class CheckArguments:
-    """`vidlora check`'s own flags (the data and model flags are training's)."""
+    """`vidlora check`'s and `vidlora cache`'s own flags (the data and model flags are training's)."""
 
     workers: int = field(default=1, metadata={"help": "Decode media in this many processes."})
     report: str | None = field(default=None, metadata={"help": "Write the full report as JSON here."})
@@ -423,17 +430,29 @@ def parse_train_args(
     return model, data, train
 
 
-def parse_check_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CheckArguments]:
-    """Parse `vidlora check`'s command line: training's model and data flags plus its own."""
-
+def _parse_check_like(
+    argv: list[str] | None, *, frame_cache_required: bool
+) -> tuple[ModelArguments, DataArguments, CheckArguments]:
     def check(model_raw, data_raw, check_raw) -> list[str]:
         problems = data_problems(model_raw, data_raw)
         if check_raw.workers < 1:
             problems.append(f"--workers {check_raw.workers}: must be at least 1.")
+        if frame_cache_required and not data_raw.frame_cache:
+            problems.append("--frame_cache DIR is required (the cache directory to fill).")
         return problems
 
     model, data, options = _parse(argv, (ModelArguments, DataArguments, CheckArguments), check)
     return model, data, options
+
+
+def parse_check_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CheckArguments]:
+    """Parse `vidlora check`'s command line: training's model and data flags plus its own."""
+    return _parse_check_like(argv, frame_cache_required=False)
+
+
+def parse_cache_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CheckArguments]:
+    """Parse `vidlora cache`'s command line: `vidlora check`'s, with ``--frame_cache`` required."""
+    return _parse_check_like(argv, frame_cache_required=True)
 
 
 def base_model(model: ModelArguments) -> BaseModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -159,6 +160,20 @@ def test_predict_from_checkpoint_is_resumable(adapter_dir, synth, tmp_path):
     before = out.read_text()
     predict(options, progress=False, loaded=object())
     assert out.read_text() == before
+
+
+def test_predict_through_the_frame_cache_writes_the_same_predictions(adapter_dir, synth, tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    predict(predict_options(adapter_dir, synth, plain, 2), progress=False)
+    cache = tmp_path / "frames"
+    for run in ("fill", "read"):
+        out = tmp_path / f"{run}.jsonl"
+        options = dataclasses.replace(predict_options(adapter_dir, synth, out, 2), frame_cache=str(cache))
+        predict(options, progress=False)
+        assert out.read_text() == plain.read_text()
+    records = json.loads((synth / "eval.json").read_text())
+    media = {r[k] for r in records for k in ("video", "image") if k in r}
+    assert len(list(cache.glob("*/*.safetensors"))) == len(media) > 0
 
 
 @torch.no_grad()

@@ -15,17 +15,15 @@ The command (flags, model loading) is :mod:`vidlora.check`.
 
 from __future__ import annotations
 
-import multiprocessing
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -38,7 +36,9 @@ from vidlora.data.dataset import (
     read_samples,
     stat_problem,
 )
+from vidlora.data.frame_cache import CacheStats, FrameCache
 from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, MediaError, probe_video, read_image
+from vidlora.data.parallel import map_in_processes
 from vidlora.data.processor import Processor
 
 HISTOGRAM_BINS = 10
@@ -53,6 +53,7 @@ class MediaJob:
     images: tuple[str, ...]
     processor: Processor
     timeout_s: float
+    frame_cache: FrameCache | None = None  # pre-processed pixels are read from / stored in it
 
 
 @dataclass
@@ -62,11 +63,17 @@ class MediaResult:
     problems: list[tuple[str, str, str]] = field(default_factory=list)
     video: dict[str, Any] | None = None
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    cache_stats: CacheStats | None = None  # this job's frame-cache lookups (a worker counts its own)
 
 
 def check_media(job: MediaJob) -> MediaResult:
-    """Probe and decode one sample's video and images exactly as training would; never raises for bad media."""
+    """Probe and decode one sample's video and images exactly as training would; never raises for bad media.
+
+    With a frame cache, the pixels come from (or go into) it, as in training with the same cache.
+    """
     result = MediaResult()
+    cache = job.frame_cache
+    counted = CacheStats() if cache is None else replace(cache.stats)
 
     def failed(path: Path, exc: BaseException) -> None:
         kind, reason = classify_media_error(path, exc)
@@ -80,7 +87,10 @@ def check_media(job: MediaJob) -> MediaResult:
         else:
             try:
                 info = probe_video(path, timeout_s=job.timeout_s)
-                job.processor.load_video(path, timeout_s=job.timeout_s)
+                if cache is not None:
+                    cache.load_video(job.processor, path, timeout_s=job.timeout_s)
+                else:
+                    job.processor.load_video(path, timeout_s=job.timeout_s)
                 result.video = asdict(info)  # only videos that decode enter the statistics
             except (MediaError, TimeoutError, ValueError) as exc:
                 failed(path, exc)
@@ -91,11 +101,16 @@ def check_media(job: MediaJob) -> MediaResult:
             result.problems.append((found[0].value, found[1], str(path)))
             continue
         try:
-            decoded = read_image(path)
-            job.processor.preprocess_image(decoded)
+            decoded = read_image(path)  # decoded even on a cache hit: its size is a statistic
+            if cache is not None:
+                cache.get(path, "image", job.processor, partial(job.processor.preprocess_image, decoded))
+            else:
+                job.processor.preprocess_image(decoded)
             result.image_sizes.append(decoded.size)
         except (MediaError, TimeoutError, ValueError) as exc:
             failed(path, exc)
+    if cache is not None:
+        result.cache_stats = cache.stats - counted  # this job's lookups (a worker holds a copy of the cache)
     return result
 
 
@@ -141,8 +156,12 @@ def run_check(
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     workers: int = 1,
     progress: bool = True,
+    frame_cache: FrameCache | None = None,
 ) -> dict[str, Any]:
-    """Check every sample of ``data_paths`` as training reads it; return the full report."""
+    """Check every sample of ``data_paths`` as training reads it; return the full report.
+
+    With ``frame_cache``, decoded pixels go through it (and so fill it); the report counts its lookups.
+    """
     samples, problems = read_samples(list(data_paths))
     invalid_records = sum(1 for p in problems if p.index is not None)
     invalid_files = len(problems) - invalid_records
@@ -164,12 +183,17 @@ def run_check(
         )
         images = tuple(str(p) for p in prepared.images if str(p) not in failed)
         if video is not None or images:
-            jobs.append((len(infos) - 1, MediaJob(video, images, processor, decode_timeout)))
+            jobs.append((len(infos) - 1, MediaJob(video, images, processor, decode_timeout, frame_cache)))
 
-    results = _decode_all([job for _, job in jobs], workers, progress)
+    results = map_in_processes(
+        check_media, [job for _, job in jobs], workers, desc="check media", unit="sample", progress=progress
+    )
     videos: list[dict[str, Any]] = []
     image_sizes: list[tuple[int, int]] = []
+    cache_stats = CacheStats()
     for (position, _), result in zip(jobs, results, strict=True):
+        if result.cache_stats is not None:
+            cache_stats += result.cache_stats
         sample = samples[position]
         for kind, reason, file in result.problems:
             problems.append(
@@ -242,35 +266,10 @@ def run_check(
             },
         },
         "samples": [asdict(i) for i in infos],
+        "frame_cache": None
+        if frame_cache is None
+        else {"root": str(frame_cache.root), **asdict(cache_stats)},
     }
-
-
-def _single_threaded() -> None:
-    torch.set_num_threads(1)
-
-
-def _decode_all(jobs: list[MediaJob], workers: int, progress: bool) -> list[MediaResult]:
-    bar = tqdm(total=len(jobs), desc="check media", unit="sample", disable=not progress, file=sys.stderr)
-    with bar:
-        if workers <= 1:
-            results = []
-            for job in jobs:
-                results.append(check_media(job))
-                bar.update(1)
-            return results
-        # Forked workers start in milliseconds (spawn re-imports torch and transformers in each).
-        # A forked child must not use the OpenMP pool the parent already started (it hangs), so
-        # each worker runs torch single-threaded, as torch's own DataLoader workers do.
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_single_threaded
-        ) as pool:
-            results = []
-            # map keeps input order; chunks amortise the inter-process round trips.
-            for result in pool.map(check_media, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
-                results.append(result)
-                bar.update(1)
-            return results
 
 
 def _histogram_lines(title: str, stats: dict[str, Any], width: int = 30) -> list[str]:
@@ -314,6 +313,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines += _histogram_lines("text tokens (placeholders counted once)", tokens["text"])
     lines += _histogram_lines("expanded tokens", tokens["expanded"])
     lines.append(f"  would be truncated: {tokens['truncated']}   rejected: {tokens['rejected']}")
+    cache = report.get("frame_cache")
+    if cache is not None:
+        stats = CacheStats(**{k: v for k, v in cache.items() if k != "root"})
+        lines.append(f"  frame cache {cache['root']}: {stats.format()}")
     if report["duplicate_ids"]:
         shown = ", ".join(report["duplicate_ids"][:10])
         lines.append(f"  warning: {len(report['duplicate_ids'])} duplicate id(s): {shown}")

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from vidlora.data.frame_cache import FrameCache
 from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, MediaError
 from vidlora.data.processor import Processor
 from vidlora.data.records import RecordError, Sample, read_records, resolve_media
@@ -324,6 +325,8 @@ class SupervisedDataset(Dataset):
             into construction-time problems rather than mid-epoch errors).
         prior_problems: problems found while reading the records (:func:`read_samples`); they
             count as skipped samples, or raise, exactly like construction problems.
+        frame_cache: read pixels from (and store them in) this cache instead of decoding every
+            time; a file that fails to decode fails exactly as without it.
 
     Raises:
         BadSamplesError: problems found and ``skip_bad_samples`` is off.
@@ -340,8 +343,10 @@ class SupervisedDataset(Dataset):
         skip_bad_samples: bool = False,
         check_files: bool = True,
         prior_problems: Sequence[SampleProblem] = (),
+        frame_cache: FrameCache | None = None,
     ) -> None:
         self.processor = processor
+        self.frame_cache = frame_cache
         self.tokenizer = tokenizer
         self.folders = folders
         self.decode_timeout = decode_timeout
@@ -405,15 +410,22 @@ class SupervisedDataset(Dataset):
             "labels": torch.tensor(tokenized.labels, dtype=torch.long),
         }
         if entry.video is not None:
-            video = self._decode(
-                entry, entry.video, lambda p: self.processor.load_video(p, timeout_s=self.decode_timeout)
-            )
-            item["pixel_values_videos"] = video.unsqueeze(0)
+            item["pixel_values_videos"] = self._decode(entry, entry.video, self._load_video).unsqueeze(0)
         if entry.images:
             item["pixel_values_images"] = torch.stack(
-                [self._decode(entry, p, self.processor.load_image) for p in entry.images]
+                [self._decode(entry, p, self._load_image) for p in entry.images]
             )
         return item
+
+    def _load_video(self, path: Path) -> torch.Tensor:
+        if self.frame_cache is not None:
+            return self.frame_cache.load_video(self.processor, path, timeout_s=self.decode_timeout)
+        return self.processor.load_video(path, timeout_s=self.decode_timeout)
+
+    def _load_image(self, path: Path) -> torch.Tensor:
+        if self.frame_cache is not None:
+            return self.frame_cache.load_image(self.processor, path)
+        return self.processor.load_image(path)
 
     def _problem(
         self, entry: PreparedSample, kind: ProblemKind, reason: str, file: Path | None

@@ -219,6 +219,19 @@ class Processor:
         """Pre-process one decoded image: aspect handling, resize, crop, normalisation."""
         return preprocess_image(image, self.pixel_spec, aspect=ASPECT_MODES[self.image_aspect_ratio])
 
+    def media_settings(self, kind: str) -> dict[str, Any]:
+        """Every setting :meth:`load_video` (``kind`` "video") or :meth:`load_image` ("image") reads.
+
+        The frame cache keys its entries on these, so a setting added to a loader belongs here too.
+        """
+        spec = self.pixel_spec
+        common = {"kind": kind, "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std)}
+        if kind == "video":
+            return {**common, "num_frames": self.num_frames}
+        if kind == "image":
+            return {**common, "aspect": ASPECT_MODES[self.image_aspect_ratio]}
+        raise ValueError(f"media kind must be 'video' or 'image', got {kind!r}")
+
     def refused_media(self, sample: Sample) -> str | None:
         """Why this run does not accept the sample's media, or None when it does."""
         carried = {"video": [sample.video] if sample.video is not None else [], "image": list(sample.images)}

@@ -18,6 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vidlora.data.collate import IGNORE_INDEX, MultimodalCollator
+from vidlora.data.frame_cache import FrameCache
 from vidlora.data.media import DEFAULT_DECODE_TIMEOUT
 from vidlora.data.records import Turn
 from vidlora.data.templates import Template, get_template
@@ -54,12 +55,19 @@ class StopOnString(StoppingCriteria):
 class Generator:
     """Turns requests into answers with a loaded model (see the module docstring)."""
 
-    def __init__(self, loaded: InferenceModel, *, decode_timeout: float = DEFAULT_DECODE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        loaded: InferenceModel,
+        *,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+        frame_cache: FrameCache | None = None,
+    ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor
         self.template: Template = get_template(loaded.processor.template)
         self.decode_timeout = decode_timeout
+        self.frame_cache = frame_cache
         pad = self.tokenizer.pad_token_id
         self.collate = MultimodalCollator(pad_token_id=pad, padding_side="left", keep_ids=True)
         self.train_collate = MultimodalCollator(pad_token_id=pad)
@@ -72,12 +80,19 @@ class Generator:
     def _pixels(self, request: Request) -> dict:
         """``pixel_values_videos`` / ``pixel_values_images`` of a request (keys absent without media)."""
         pixels: dict = {}
+        cache, processor = self.frame_cache, self.processor
         if request.video is not None:
-            video = self.processor.load_video(request.video, timeout_s=self.decode_timeout)
+            if cache is not None:
+                video = cache.load_video(processor, request.video, timeout_s=self.decode_timeout)
+            else:
+                video = processor.load_video(request.video, timeout_s=self.decode_timeout)
             pixels["pixel_values_videos"] = video.unsqueeze(0)
         if request.images:
             pixels["pixel_values_images"] = torch.stack(
-                [self.processor.load_image(p) for p in request.images]
+                [
+                    cache.load_image(processor, p) if cache is not None else processor.load_image(p)
+                    for p in request.images
+                ]
             )
         return pixels
 

@@ -150,6 +150,12 @@ class PredictOptions:
     )
     device: str = field(default=AUTO, metadata={"help": DEVICE_HELP})
     dtype: str = field(default=AUTO, metadata={"help": DTYPE_HELP})
+    frame_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "frame cache directory (`vidlora cache`): pre-processed pixels read, or stored, there"
+        },
+    )
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None) -> PredictOptions:
@@ -162,6 +168,7 @@ class PredictOptions:
 
 def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> Path:
     """Run predictions (see the module docstring); returns the path of the written file."""
+    from vidlora.data.frame_cache import FrameCache
     from vidlora.infer.device import detect_placement
     from vidlora.infer.generate import Generator, Request
     from vidlora.infer.load import load_for_inference
@@ -192,7 +199,11 @@ def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> P
                 torch_dtype=placement.dtype,
                 device=str(placement.device),
             )
-        generator = Generator(loaded, decode_timeout=options.decode_timeout)
+        generator = Generator(
+            loaded,
+            decode_timeout=options.decode_timeout,
+            frame_cache=FrameCache.from_flag(options.frame_cache),
+        )
         with (
             JsonlAppender(path) as handle,
             tqdm(total=len(todo), desc="predict", disable=not progress) as bar,

@@ -31,6 +31,7 @@ from vidlora.args import (
 )
 from vidlora.checkpoint import RunRecord
 from vidlora.data.dataset import SupervisedDataset, train_eval_split
+from vidlora.data.frame_cache import FrameCache
 from vidlora.data.processor import Processor
 from vidlora.errors import UsageError
 from vidlora.model.loading import LoadedModel
@@ -132,6 +133,7 @@ def build_datasets(
     tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[SupervisedDataset, SupervisedDataset | None]:
     """Training dataset and (optionally) evaluation dataset, all records validated up front."""
+    frame_cache = FrameCache.from_flag(data_args.frame_cache)
 
     def read(paths: list[str]) -> SupervisedDataset:
         return SupervisedDataset.from_paths(
@@ -141,6 +143,7 @@ def build_datasets(
             folders=media_folders(data_args),
             decode_timeout=data_args.decode_timeout,
             skip_bad_samples=data_args.skip_bad_samples,
+            frame_cache=frame_cache,
         )
 
     assert data_args.data_path, "parse_train_args requires --data_path"
