@@ -570,3 +570,20 @@ def test_labelled_loss_without_any_trained_token_is_nan_like_transformers(model)
 def test_logits_to_keep_with_labels_is_refused(model):
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(**_batch([[1, 21, 22]]), logits_to_keep=1)
+
+
+def test_placeholder_count_check_reads_the_count_on_the_cpu_only():
+    from host_reads import HostReads
+    from vidlora.model.modeling import _check_count
+
+    mask = torch.tensor([[True, True, False]])
+    with HostReads() as reads:
+        _check_count("image", IMG, mask, 2, "2 feature tokens")
+    assert reads.count == 1  # on the CPU the count is read, to name it in the error
+    with pytest.raises(ValueError, match=r"image: input_ids hold 2 <image> token positions \(id 100\) but 3"):
+        _check_count("image", IMG, mask, 3, "3 feature tokens")
+    # Off the CPU (meta stands in for an accelerator: a host read there would fail) the comparison
+    # is queued on the device, without reading anything back.
+    with HostReads() as reads:
+        _check_count("image", IMG, mask.to("meta"), 3, "3 feature tokens")
+    assert reads.count == 0

@@ -61,6 +61,30 @@ def labelled_loss(
     return total / num_items_in_batch
 
 
+def _check_count(modality: str, token_id: int, mask: torch.Tensor, expected: int, given: str) -> None:
+    """Raise unless ``mask`` marks exactly ``expected`` placeholder positions.
+
+    On the CPU the count is read and named in a ValueError. On an accelerator reading it would stall
+    the host once per modality per step, so the comparison is queued on the device instead
+    (``torch._assert_async``): a mismatch fails the step at the next synchronisation, with the
+    feature-token side of the message. (Batches made by the processor are right by construction: it
+    expands every placeholder to its tower's token count.)
+    """
+    if mask.device.type == "cpu":
+        n_positions = int(mask.sum())
+        if n_positions != expected:
+            raise ValueError(
+                f"{modality}: input_ids hold {n_positions} <{modality}> token positions (id {token_id}) "
+                f"but {given}"
+            )
+        return
+    torch._assert_async(
+        mask.sum() == expected,
+        f"{modality}: the number of <{modality}> token positions (id {token_id}) in input_ids differs from "
+        f"the feature tokens: {given}",
+    )
+
+
 def register_auto_classes() -> None:
     """Register `VideoLlavaConfig` / `VideoLlavaForCausalLM` with AutoConfig, AutoModel and
     AutoModelForCausalLM, so that `Auto*.from_pretrained` opens our checkpoint directories.
@@ -245,22 +269,21 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"got {modality} pixels, but config.{modality}_token_id is None")
             return inputs_embeds
         mask = input_ids == token_id
-        n_positions = int(mask.sum())
         if pixel_values is None:
-            if n_positions:
-                raise ValueError(
-                    f"{modality}: input_ids hold {n_positions} <{modality}> token positions (id {token_id}) "
-                    f"but no pixel_values_{modality}s were given (0 feature tokens)"
-                )
+            _check_count(
+                modality, token_id, mask, 0, f"no pixel_values_{modality}s were given (0 feature tokens)"
+            )
             return inputs_embeds
         features = features_fn(pixel_values)
         n_features = features.shape[0] * features.shape[1]
-        if n_positions != n_features:
-            raise ValueError(
-                f"{modality}: input_ids hold {n_positions} <{modality}> token positions (id {token_id}) but "
-                f"pixel_values_{modality}s give {n_features} feature tokens "
-                f"({features.shape[0]} {modality}s x {features.shape[1]} tokens)"
-            )
+        _check_count(
+            modality,
+            token_id,
+            mask,
+            n_features,
+            f"pixel_values_{modality}s give {n_features} feature tokens "
+            f"({features.shape[0]} {modality}s x {features.shape[1]} tokens)",
+        )
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 
