@@ -35,7 +35,11 @@ from vidlora.data.processor import (
 )
 from vidlora.data.templates import TemplateError, get_template, template_names
 from vidlora.errors import VidloraError
-from vidlora.model.configuration import DEFAULT_SELECT_LAYER
+from vidlora.model.configuration import (
+    DEFAULT_ATTN_IMPLEMENTATION,
+    DEFAULT_SELECT_LAYER,
+    attn_implementation_problem,
+)
 
 #: `--X` spells the processor's modalities capitalised, as the original does.
 SUPPORTED_MODALITIES = tuple(m.capitalize() for m in MEDIA_MODALITIES)
@@ -98,6 +102,14 @@ class ModelArguments:
         metadata={
             "help": "Frames sampled per video (uniform, first and last); default: the video tower's. A tower "
             "with temporal attention takes only its own count."
+        },
+    )
+    attn_implementation: str = field(
+        default=DEFAULT_ATTN_IMPLEMENTATION,
+        metadata={
+            "help": "Attention kernel of the LLM and both towers: sdpa, eager, or flash_attention_2 "
+            "(CUDA, fp16/bf16, pip install 'vidlora[flash]'). Recorded with the checkpoint; inference "
+            "uses the same."
         },
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM (no LoRA on it either)."})
@@ -293,6 +305,23 @@ def hardware_problems(
     return problems
 
 
+def attention_problems(
+    model: ModelArguments | SimpleNamespace, train: TrainingArguments | SimpleNamespace, cuda_available: bool
+) -> list[str]:
+    """What flash attention needs beyond its package (that one is a `data_problems` check)."""
+    if model.attn_implementation != "flash_attention_2":
+        return []
+    problems = []
+    if not cuda_available:
+        problems.append("--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU use sdpa.")
+    if not (train.bf16 or train.fp16):
+        problems.append(
+            "--attn_implementation flash_attention_2 runs in half precision only: pass --bf16 True "
+            "(or --fp16 True), or use sdpa."
+        )
+    return problems
+
+
 def data_problems(
     model: ModelArguments | SimpleNamespace, data: DataArguments | SimpleNamespace
 ) -> list[str]:
@@ -313,6 +342,9 @@ def data_problems(
         problems.append("--mm_use_x_patch_token True is not supported (Video-LLaVA's recipe uses False).")
     if model.num_frames is not None and model.num_frames < 1:
         problems.append(f"--num_frames {model.num_frames}: must be at least 1.")
+    attn_problem = attn_implementation_problem(model.attn_implementation)
+    if attn_problem is not None:
+        problems.append(attn_problem)
     if data.image_aspect_ratio not in ASPECT_RATIOS:
         problems.append(
             f"--image_aspect_ratio {data.image_aspect_ratio}: use one of {', '.join(ASPECT_RATIOS)}."
@@ -352,6 +384,12 @@ def training_problems(
         problems.append(f"--lora_bias {train.lora_bias}: use one of {', '.join(LORA_BIASES)}.")
     if train.lora_enable and train.lora_r < 1:
         problems.append(f"--lora_r {train.lora_r}: must be at least 1.")
+    if getattr(train, "use_liger_kernel", False):
+        problems.append(
+            "--use_liger_kernel True is not supported: Liger patches transformers' LLaMA classes process-wide "
+            "and its fused loss expects the full sequence, while vidlora's model already applies the LM head "
+            "only at the labelled positions; leave it False."
+        )
     if train.remove_unused_columns:
         problems.append("--remove_unused_columns True would drop the media inputs; leave it False.")
     if wants_evaluation(train.eval_strategy) and not data.eval_data_path and data.eval_holdout_ratio == 0:
@@ -424,6 +462,7 @@ def parse_train_args(
             data_problems(model_raw, data_raw)
             + training_problems(data_raw, train_raw)
             + hardware_problems(train_raw, cuda_available, bf16_supported)
+            + attention_problems(model_raw, train_raw, cuda_available)
         )
 
     model, data, train = _parse(argv, (ModelArguments, DataArguments, TrainingArguments), check)
@@ -469,6 +508,7 @@ def base_model(model: ModelArguments) -> BaseModel:
         pretrain_mm_mlp_adapter=absolute(model.pretrain_mm_mlp_adapter),
         mm_projector_type=model.mm_projector_type,
         cache_dir=absolute(model.cache_dir),
+        attn_implementation=model.attn_implementation,
     )
 
 

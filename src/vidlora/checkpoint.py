@@ -55,6 +55,8 @@ class BaseModel:
     pretrain_mm_mlp_adapter: str | None = None
     mm_projector_type: str | None = None
     cache_dir: str | None = None
+    #: The attention kernel trained with; None (records before it was recorded): transformers' default.
+    attn_implementation: str | None = None
 
     def load_kwargs(self) -> dict[str, Any]:
         """`load_pretrained`'s keyword arguments for this base (the model name aside)."""
@@ -64,6 +66,7 @@ class BaseModel:
             "pretrain_mm_mlp_adapter": self.pretrain_mm_mlp_adapter,
             "mm_projector_type": self.mm_projector_type,
             "cache_dir": self.cache_dir,
+            "attn_implementation": self.attn_implementation,
         }
 
 

@@ -93,6 +93,13 @@ def _batch(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _inputs(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """`_batch` without labels: the model then returns logits at every position."""
+    batch = _batch(rows)
+    del batch["labels"]
+    return batch
+
+
 @pytest.fixture(scope="module")
 def media() -> tuple[torch.Tensor, torch.Tensor]:
     return _pixels(2, FRAMES, 3, SIZE, SIZE, seed=10), _pixels(3, 3, SIZE, SIZE, seed=11)
@@ -125,7 +132,7 @@ def test_video_features_are_selected_layer_per_frame_with_cls(model, media):
 
 def test_forward_matches_hand_scattered_embeddings(model, media):
     videos, images = media
-    batch = _batch(ROWS)
+    batch = _inputs(ROWS)
     with torch.no_grad():
         out = model(**batch, pixel_values_images=images, pixel_values_videos=videos)
         # Independent scatter: walk every row, fill each placeholder run with the next media's tokens.
@@ -153,7 +160,8 @@ def test_mixed_batch_equals_rows_alone(model, media):
     batch = _batch(ROWS)
     with torch.no_grad():
         out = model(**batch, pixel_values_images=images, pixel_values_videos=videos)
-        batch_terms = _token_losses(out.logits, batch["labels"])
+        logits = model(**_inputs(ROWS), pixel_values_images=images, pixel_values_videos=videos).logits
+        batch_terms = _token_losses(logits, batch["labels"])
         total, count = 0.0, 0
         for i, row in enumerate(ROWS):
             alone = _batch([row])
@@ -163,10 +171,11 @@ def test_mixed_batch_equals_rows_alone(model, media):
             if i in IMAGES:
                 kwargs["pixel_values_images"] = images[IMAGES[i]]
             row_out = model(**alone, **kwargs)
+            row_logits = model(**_inputs([row]), **kwargs).logits
             n = len(row)
             # float32, same weights, only padding differs: atol 1e-5 on logits and loss terms.
-            torch.testing.assert_close(out.logits[i, :n], row_out.logits[0], atol=1e-5, rtol=0)
-            row_terms = _token_losses(row_out.logits, alone["labels"])[0]
+            torch.testing.assert_close(logits[i, :n], row_logits[0], atol=1e-5, rtol=0)
+            row_terms = _token_losses(row_logits, alone["labels"])[0]
             torch.testing.assert_close(batch_terms[i, : n - 1], row_terms, atol=1e-5, rtol=0)
             valid = int((alone["labels"][0, 1:] != -100).sum())
             total += float(row_out.loss) * valid
@@ -178,7 +187,7 @@ def test_mixed_batch_equals_rows_alone(model, media):
 
 def test_media_change_only_affects_later_positions(model, media):
     videos, images = media
-    batch = _batch([ROWS[2]])
+    batch = _inputs([ROWS[2]])
     first_video = 1  # position of the first <video> token in row 2
     with torch.no_grad():
         a = model(**batch, pixel_values_videos=videos[1:], pixel_values_images=images[1:]).logits
@@ -481,3 +490,100 @@ def test_projector_unknown_kinds_name_the_accepted_forms(kind):
 def test_projector_identity_needs_equal_widths():
     with pytest.raises(ValueError, match="in_dim=8, out_dim=6"):
         build_projector("identity", 8, 6)
+
+
+# ---- loss at the labelled positions only ----------------------------------------------------------
+
+
+def _lora_model() -> torch.nn.Module:
+    """The training recipe (towers frozen, projector full, LoRA on the LLM) with nonzero LoRA B, so
+    every trainable matrix gets a gradient."""
+    from vidlora.model.lora import apply_recipe, build_lora_config
+
+    base = _model()
+    trained = apply_recipe(base, build_lora_config(base, r=4, alpha=8, dropout=0.0))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in (p for p in trained.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    return trained
+
+
+def _loss_and_grads(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_labelled_positions_loss_equals_the_full_logits_loss(media, num_items):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    videos, images = media
+    model = _lora_model()
+    batch = _batch(ROWS)  # right-padded; row 3 is text only
+    pixels = {"pixel_values_images": images, "pixel_values_videos": videos}
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+
+    def compact() -> torch.Tensor:
+        out = model(**batch, **pixels, **extra)
+        # Logits at the 5 + 3 + 5 + 4 positions whose next label is trained (hand count), nowhere else.
+        assert out.logits.shape == (17, VOCAB)
+        return out.loss
+
+    def full() -> torch.Tensor:
+        # transformers' own causal-LM loss over the full [B, L, V] logits.
+        logits = model(**_inputs(ROWS), **pixels).logits
+        assert logits.shape == (4, batch["input_ids"].shape[1], VOCAB)
+        return ForCausalLMLoss(logits, batch["labels"], VOCAB, **extra)
+
+    loss, grads = _loss_and_grads(model, compact)
+    ref_loss, ref_grads = _loss_and_grads(model, full)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    if num_items is not None:  # sum / 40, not the mean over the 17 terms
+        with torch.no_grad():
+            mean_loss = model(**batch, **pixels).loss
+        assert float(loss) == pytest.approx(float(mean_loss) * 17 / 40, rel=1e-6)
+    names = set(ref_grads)
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert any("mm_projector" in n for n in names)
+    for name, ref in ref_grads.items():
+        assert float(ref.norm()) > 0, name
+        relative = float((grads[name] - ref).norm() / ref.norm())
+        assert relative <= 1e-6, (name, relative)
+
+
+def test_labelled_loss_without_any_trained_token_is_nan_like_transformers(model):
+    batch = _batch([[1, 21, 22]])
+    batch["labels"][:] = -100
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.shape == (0, VOCAB)
+    assert torch.isnan(out.loss)  # the mean over no terms, as ForCausalLMLoss gives
+    with torch.no_grad():
+        summed = model(**batch, num_items_in_batch=torch.tensor(3)).loss
+    assert float(summed) == 0.0
+
+
+def test_logits_to_keep_with_labels_is_refused(model):
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(**_batch([[1, 21, 22]]), logits_to_keep=1)
+
+
+def test_placeholder_count_check_reads_the_count_on_the_cpu_only():
+    from host_reads import HostReads
+    from vidlora.model.modeling import _check_count
+
+    mask = torch.tensor([[True, True, False]])
+    with HostReads() as reads:
+        _check_count("image", IMG, mask, 2, "2 feature tokens")
+    assert reads.count == 1  # on the CPU the count is read, to name it in the error
+    with pytest.raises(ValueError, match=r"image: input_ids hold 2 <image> token positions \(id 100\) but 3"):
+        _check_count("image", IMG, mask, 3, "3 feature tokens")
+    # Off the CPU (meta stands in for an accelerator: a host read there would fail) the comparison
+    # is queued on the device, without reading anything back.
+    with HostReads() as reads:
+        _check_count("image", IMG, mask.to("meta"), 3, "3 feature tokens")
+    assert reads.count == 0

@@ -133,13 +133,14 @@ def test_tiny_forward_golden_loss(tiny):
     image = torch.randn(1, 3, 64, 64, generator=gen)
     with torch.no_grad():
         out = model(input_ids=ids, labels=labels, pixel_values_videos=video, pixel_values_images=image)
-    assert out.logits.shape == (1, 3 + 136 + 1 + 16 + 3, c.text_config.vocab_size)
+        logits = model(input_ids=ids, pixel_values_videos=video, pixel_values_images=image).logits
+    assert logits.shape == (1, 3 + 136 + 1 + 16 + 3, c.text_config.vocab_size)
+    # With labels, logits only at the positions that take a loss: every text position but the last.
+    assert out.logits.shape == (3 + 1 + 3 - 1, c.text_config.vocab_size)
     # Golden values from seed 0 (torch 2.13 CPU, float32). They change whenever the tiny preset, its
     # initialisation or the tiny tokenizer's vocabulary changes; tolerance 1e-4.
     assert out.loss.item() == pytest.approx(7.777138, abs=1e-4)
-    torch.testing.assert_close(
-        out.logits[0, -1, :3], torch.tensor([0.7141, 0.3549, 0.4396]), atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(logits[0, -1, :3], torch.tensor([0.7141, 0.3549, 0.4396]), atol=1e-4, rtol=0)
 
 
 def test_7b_on_meta_is_fast_allocates_nothing_and_has_the_published_sizes():

@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerControl, TrainerState, TrainingArgument
 
 from vidlora.training.callbacks import (
     LossCurveWriter,
+    NonFiniteEvent,
     NonFiniteStop,
     NonFiniteTrainingError,
     TokenCountLogger,
@@ -262,3 +263,28 @@ def test_plot_loss_curve_keeps_nan_points_and_skips_empty_histories(tmp_path):
     assert _png_size(tmp_path / "a" / "loss.png") == (700, 400)
     assert plot_loss_curve([{"learning_rate": 0.1, "step": 1}], tmp_path / "b.png") is None
     assert not (tmp_path / "b.png").exists()
+
+
+def test_micro_batches_are_observed_without_host_reads_and_read_once_per_optimizer_step():
+    from host_reads import HostReads
+
+    stop, counter = NonFiniteStop(), TokenCountLogger()
+    model = nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    state = TrainerState(global_step=2)
+    labels = {"labels": torch.tensor([[-100, 1, 2, -100], [-100, -100, 9, 9]])}  # 2 + 2 trained
+    losses = [torch.tensor(0.5), torch.tensor(float("inf")), torch.tensor(float("nan")), torch.tensor(0.25)]
+    with HostReads() as reads:
+        for loss in losses:  # four micro-batches of one optimizer step
+            observe_micro_batch([stop, counter], state, labels, loss)
+    assert reads.names == []
+    with HostReads() as reads:
+        stop.on_pre_optimizer_step(args, state, TrainerControl(), model=model)
+    assert reads.names == ["tolist"]  # loss flag, first bad value and gradient norm in one read
+    # The first non-finite micro-batch loss of the step is the one reported.
+    assert stop.event == NonFiniteEvent(3, "the training loss", math.inf)
+    with HostReads() as reads:
+        counter.on_step_end(args, TrainerState(global_step=3), TrainerControl())
+    assert reads.names == ["tolist"]
+    assert counter.step_tokens == {3: 16}

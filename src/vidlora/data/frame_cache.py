@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 #: Bump whenever decoding or pre-processing (media.py, transforms.py) changes the pixels it returns:
 #: every existing entry then misses and is recomputed.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: video frames resized and cropped before normalising
 #: What a cache entry's metadata says it is (entries of another format are corrupt here).
 ENTRY_FORMAT = "vidlora-frame-cache"
 TENSOR_NAME = "pixels"

@@ -7,6 +7,7 @@ tokenizer step and the model must agree on are derived here, in one place.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -21,6 +22,33 @@ VIDEO_TOWER_MODEL_TYPE = "vidlora_languagebind_video"
 PROMPT_TOKENIZATIONS = ("split_at_media", "whole_prompt")
 #: The tower hidden state used as features when a checkpoint or flag says none (Video-LLaVA's -2).
 DEFAULT_SELECT_LAYER = -2
+#: Attention kernels the LLM and both towers can run (transformers' names); sdpa is the default.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
+
+
+def attn_implementation_problem(name: str) -> str | None:
+    """Why ``--attn_implementation name`` cannot be used here, or None when it can."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        return f"--attn_implementation {name}: use one of {', '.join(ATTN_IMPLEMENTATIONS)}."
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        return (
+            "--attn_implementation flash_attention_2 needs the flash-attn package (CUDA, fp16/bf16): "
+            "pip install 'vidlora[flash]', or use sdpa."
+        )
+    return None
+
+
+def set_attn_implementation(config: VideoLlavaConfig, name: str) -> None:
+    """Run the LLM and both towers with attention kernel ``name`` (validated; see ATTN_IMPLEMENTATIONS).
+
+    transformers passes a composite config's attention setting down to its sub-configs (text,
+    image, video), which the LLM and the towers read when they are built.
+    """
+    problem = attn_implementation_problem(name)
+    if problem is not None:
+        raise UsageError(problem)
+    config._attn_implementation = name
 
 
 class LanguageBindVideoConfig(CLIPVisionConfig):

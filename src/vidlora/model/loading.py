@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vidlora.errors import UsageError
 from vidlora.model import keymaps
-from vidlora.model.configuration import ConfigOverrides, VideoLlavaConfig
+from vidlora.model.configuration import ConfigOverrides, VideoLlavaConfig, set_attn_implementation
 from vidlora.model.hub import read_config, read_tensors, resolve_directory
 from vidlora.model.layouts import WeightSource, detect_layout, plan_load
 from vidlora.model.report import CheckpointLoadError, LoadReport, SourceReport
@@ -59,6 +59,7 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Build our model from a preset, a local checkpoint directory or a hub id.
 
@@ -82,6 +83,8 @@ def load_pretrained(
         cache_dir: hub cache directory.
         seed: seed for weights initialised fresh (projector without adapter; missing weights of a
             non-strict load) and for presets. Rows added for new tokens are the mean of the old rows.
+        attn_implementation: attention kernel of the LLM and both towers (``sdpa``, ``eager``,
+            ``flash_attention_2``); default transformers' choice (sdpa where available).
 
     Returns:
         `LoadedModel(model, tokenizer, report)`; the model is in eval mode.
@@ -89,7 +92,12 @@ def load_pretrained(
     device = torch.device(device)
     if model_name_or_path in PRESETS:
         return _load_preset(
-            model_name_or_path, device=device, seed=seed, dtype=torch_dtype, overrides=overrides
+            model_name_or_path,
+            device=device,
+            seed=seed,
+            dtype=torch_dtype,
+            overrides=overrides,
+            attn_implementation=attn_implementation,
         )
 
     meta = device.type == "meta"
@@ -110,6 +118,8 @@ def load_pretrained(
     config = plan.config
     if overrides is not None:
         overrides.apply(config, report.notes)
+    if attn_implementation is not None:
+        set_attn_implementation(config, attn_implementation)
     tokenizer = load_tokenizer(root, text_config=config.text_config, notes=report.notes)
     dtype = _resolve_dtype(torch_dtype, raw)
     model = _build_empty(config)
@@ -135,6 +145,7 @@ def _load_preset(
     seed: int,
     dtype: torch.dtype | str | None,
     overrides: ConfigOverrides | None,
+    attn_implementation: str | None,
 ) -> LoadedModel:
     from vidlora.model import presets
 
@@ -147,6 +158,8 @@ def _load_preset(
     config = presets.build_config(name)
     if overrides is not None:
         overrides.apply(config, report.notes)
+    if attn_implementation is not None:
+        set_attn_implementation(config, attn_implementation)
     model, tokenizer = presets.build_preset(
         name, seed=seed, device="meta" if device.type == "meta" else "cpu", config=config
     )

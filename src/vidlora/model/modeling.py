@@ -2,9 +2,9 @@
 
 The tokenizer step expands every `<image>` / `<video>` placeholder into exactly as many copies of its
 token id as the media has feature tokens; this model only embeds the ids, scatters the projected
-features into those positions (raising when the counts differ) and runs the LLM. Labels are passed
-through untouched: the LLM's loss shifts them and ignores -100, which the tokenizer step already put
-on every media position.
+features into those positions (raising when the counts differ) and runs the LLM. With labels, the
+output head runs only at the positions that take a loss (the tokenizer step put -100 on every media
+and prompt position, most of a Video-LLaVA sequence), with transformers' causal-LM loss semantics.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -31,6 +32,57 @@ from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPV
 from vidlora.model.configuration import MODEL_TYPE, VideoLlavaConfig, tower_side
 from vidlora.model.projector import build_projector
 from vidlora.model.towers import ClipVisionTower, LanguageBindEncoderLayer, LanguageBindVideoTower
+
+IGNORE_INDEX = -100
+
+
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a causal-LM loss is taken, and the targets there: ``(keep [B, L] bool, targets [N])``.
+
+    Position t predicts label t + 1 (the last position predicts nothing), as transformers'
+    ``ForCausalLMLoss`` shifts; ``keep`` is true where that shifted label is not -100.
+    """
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    keep = shifted != IGNORE_INDEX
+    return keep, shifted[keep]
+
+
+def labelled_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of ``logits [N, V]`` against ``targets [N]`` with transformers' ``ForCausalLMLoss``
+    reduction: in float32, summed and divided by ``num_items_in_batch`` when given (the Trainer's
+    count over all micro-batches of an optimizer step), else the mean (NaN when N is 0, as there)."""
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits.float(), targets, reduction="mean")
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _check_count(modality: str, token_id: int, mask: torch.Tensor, expected: int, given: str) -> None:
+    """Raise unless ``mask`` marks exactly ``expected`` placeholder positions.
+
+    On the CPU the count is read and named in a ValueError. On an accelerator reading it would stall
+    the host once per modality per step, so the comparison is queued on the device instead
+    (``torch._assert_async``): a mismatch fails the step at the next synchronisation, with the
+    feature-token side of the message. (Batches made by the processor are right by construction: it
+    expands every placeholder to its tower's token count.)
+    """
+    if mask.device.type == "cpu":
+        n_positions = int(mask.sum())
+        if n_positions != expected:
+            raise ValueError(
+                f"{modality}: input_ids hold {n_positions} <{modality}> token positions (id {token_id}) "
+                f"but {given}"
+            )
+        return
+    torch._assert_async(
+        mask.sum() == expected,
+        f"{modality}: the number of <{modality}> token positions (id {token_id}) in input_ids differs from "
+        f"the feature tokens: {given}",
+    )
 
 
 def register_auto_classes() -> None:
@@ -217,22 +269,21 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"got {modality} pixels, but config.{modality}_token_id is None")
             return inputs_embeds
         mask = input_ids == token_id
-        n_positions = int(mask.sum())
         if pixel_values is None:
-            if n_positions:
-                raise ValueError(
-                    f"{modality}: input_ids hold {n_positions} <{modality}> token positions (id {token_id}) "
-                    f"but no pixel_values_{modality}s were given (0 feature tokens)"
-                )
+            _check_count(
+                modality, token_id, mask, 0, f"no pixel_values_{modality}s were given (0 feature tokens)"
+            )
             return inputs_embeds
         features = features_fn(pixel_values)
         n_features = features.shape[0] * features.shape[1]
-        if n_positions != n_features:
-            raise ValueError(
-                f"{modality}: input_ids hold {n_positions} <{modality}> token positions (id {token_id}) but "
-                f"pixel_values_{modality}s give {n_features} feature tokens "
-                f"({features.shape[0]} {modality}s x {features.shape[1]} tokens)"
-            )
+        _check_count(
+            modality,
+            token_id,
+            mask,
+            n_features,
+            f"pixel_values_{modality}s give {n_features} feature tokens "
+            f"({features.shape[0]} {modality}s x {features.shape[1]} tokens)",
+        )
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 
@@ -312,16 +363,22 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids: optional `[B, L]`.
             past_key_values: KV cache (older name of `cache`, which transformers 5 passes in `generate`).
             inputs_embeds: instead of `input_ids`, for text-only calls (media need the ids).
-            labels: `[B, L]`, -100 where no loss is taken; shifted inside the LLM's loss.
+            labels: `[B, L]`, -100 where no loss is taken; position t is scored against label t + 1.
             pixel_values_images: `[Bi, 3, H, W]`, images of all rows stacked in row then text order.
             pixel_values_videos: `[Bv, T, 3, H, W]`, videos stacked likewise.
             run_all_towers: run every tower and the projector, adding exactly zero for a modality the
                 batch lacks, so every rank of a ZeRO-3 job gathers the same parameters in the same
                 order (a training-time switch: the Trainer passes it, inference leaves it off).
-            use_cache / logits_to_keep / **kwargs: passed to the LLM (e.g. `num_items_in_batch`).
+            num_items_in_batch: (in kwargs, from the Trainer) divides the summed loss, as in transformers.
+            use_cache / logits_to_keep / **kwargs: passed to the LLM; logits_to_keep only without labels.
 
         Returns:
-            The LLM's `CausalLMOutputWithPast` (loss when labels are given, logits, cache).
+            The LLM's `CausalLMOutputWithPast`. Without labels: logits `[B, L, V]` (or the last
+            `logits_to_keep`) and the cache. With labels: the loss (transformers' causal-LM loss:
+            shifted, -100 ignored, mean, or sum / `num_items_in_batch` when given) and logits
+            `[N, V]` of only the N positions that take a loss, in row-major order (see
+            :func:`labelled_positions`); the full `[B, L, V]` logits are never built, since media
+            and prompt positions (-100) are most of the sequence. Call without labels for all logits.
 
         Raises:
             ValueError: placeholder count != feature-token count (naming the modality and both counts),
@@ -347,13 +404,33 @@ class VideoLlavaForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 "media pixels need input_ids (their placeholder positions are read from the ids)"
             )
-        return self.language_model(
+        if labels is None:
+            return self.language_model(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError(
+                "logits_to_keep cannot be combined with labels (the labels decide the positions)"
+            )
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        keep, targets = labelled_positions(labels.to(inputs_embeds.device))
+        # A boolean [B, L] logits_to_keep makes the LLM apply its head to those positions only
+        # (transformers' slice_logits_to_keep), so the head, any logit post-processing and LoRA on
+        # the head all stay the LLM's own.
+        outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
-            labels=labels,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=keep,
             **kwargs,
         )
+        outputs.loss = labelled_loss(outputs.logits, targets.to(outputs.logits.device), num_items_in_batch)
+        return outputs

@@ -13,6 +13,9 @@ How the Trainer (transformers 5) lets callbacks see a step, and what that means 
   through the logs instead).
 * ``on_log`` runs inside ``_maybe_log_save_evaluate`` *before* the save of the same step, so a
   callback can still cancel that save; "grad_norm" is logged unfiltered.
+
+Micro-batch observations stay on the device (a flag, a count); they are read on the host once
+per optimizer step, in one transfer, so the callbacks add no device → host sync per micro-step.
 """
 
 from __future__ import annotations
@@ -97,13 +100,20 @@ class NonFiniteStop(TrainerCallback):
     With several processes the local verdict is OR-ed across ranks once per optimizer step (one
     scalar all-reduce), so every rank stops at the same step instead of one rank leaving the others
     waiting in a collective.
+
+    The micro-batch losses of an optimizer step are folded into a device-side flag (and the first
+    non-finite value) and read once, before that step's optimizer update, together with the
+    gradient norm: the first non-finite loss still names its optimizer step, without a host sync
+    per micro-batch.
     """
 
     def __init__(self, check_gradients: bool = True) -> None:
         self.check_gradients = check_gradients
         self.event: NonFiniteEvent | None = None
         self.last_checkpoint_step: int | None = None
-        self._pending: NonFiniteEvent | None = None
+        # Since the last optimizer step: any non-finite micro-batch loss, and the first such value.
+        self._loss_bad: torch.Tensor | None = None
+        self._loss_value: torch.Tensor | None = None
 
     @property
     def failed(self) -> bool:
@@ -122,29 +132,51 @@ class NonFiniteStop(TrainerCallback):
 
     # -- detection ----------------------------------------------------------------------------
     def observe_micro_batch(self, state: TrainerState, inputs: Mapping[str, Any], loss: torch.Tensor) -> None:
-        """Record a non-finite micro-batch loss for the optimizer step under way."""
-        if self._pending is not None or self.event is not None:
+        """Fold one micro-batch loss into the optimizer step's flag (on the loss's device, no sync)."""
+        if self.event is not None:
             return
-        value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
-        if not math.isfinite(value):
-            self._pending = NonFiniteEvent(state.global_step + 1, "the training loss", value)
+        value = (
+            loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        )
+        bad = ~torch.isfinite(value)
+        if self._loss_bad is None or self._loss_value is None:
+            self._loss_bad, self._loss_value = bad, value
+            return
+        # Keep the first non-finite value of the step.
+        self._loss_value = torch.where(self._loss_bad, self._loss_value, value.to(self._loss_value.device))
+        self._loss_bad = self._loss_bad | bad.to(self._loss_bad.device)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         step = state.global_step + 1
-        if self._pending is None and self.check_gradients and kwargs.get("model") is not None:
-            norm = _local_grad_norm(kwargs["model"])
-            if norm is not None and not math.isfinite(norm):
-                self._pending = NonFiniteEvent(step, "the gradient norm", norm)
-        flag = torch.tensor([0.0 if self._pending is None else 1.0], device=args.device)
-        if _all_reduce(flag, "max").item() > 0 and self.event is None:
-            # Another rank saw it: stop here too, and name the step all ranks agree on.
-            self.event = self._pending or NonFiniteEvent(
-                step, "the loss or gradient on another process", math.nan
-            )
+        device = args.device
+        nan = torch.tensor(math.nan, device=device)
+        loss_bad = torch.tensor(False, device=device) if self._loss_bad is None else self._loss_bad.to(device)
+        loss_value = nan if self._loss_value is None else self._loss_value.to(device)
+        self._loss_bad = self._loss_value = None
+        local_norm = None
+        if self.check_gradients and kwargs.get("model") is not None:
+            local_norm = _local_grad_norm(kwargs["model"])
+        if local_norm is None:
+            norm, grad_bad = nan, torch.tensor(False, device=device)
+        else:
+            norm = local_norm.to(device=device, dtype=torch.float32)
+            grad_bad = ~torch.isfinite(norm)
+        flag = _all_reduce((loss_bad | grad_bad).float().reshape(1), "max")
+        # The one host read of this optimizer step.
+        any_bad, local_loss_bad, loss_float, local_grad_bad, norm_float = torch.stack(
+            [flag[0], loss_bad.float(), loss_value, grad_bad.float(), norm]
+        ).tolist()
+        if any_bad > 0 and self.event is None:
+            if local_loss_bad:
+                self.event = NonFiniteEvent(step, "the training loss", loss_float)
+            elif local_grad_bad:
+                self.event = NonFiniteEvent(step, "the gradient norm", norm_float)
+            else:
+                # Another rank saw it: stop here too, and name the step all ranks agree on.
+                self.event = NonFiniteEvent(step, "the loss or gradient on another process", math.nan)
             logger.error(self.event.message(self.last_checkpoint_step))
-        self._pending = None
         self._enforce(control)
 
     def on_log(
@@ -193,14 +225,14 @@ class NonFiniteStop(TrainerCallback):
         self.last_checkpoint_step = state.global_step
 
 
-def _local_grad_norm(model: torch.nn.Module) -> float | None:
-    """Total 2-norm of the gradients held on the parameters (None when no parameter holds one,
-    e.g. under DeepSpeed ZeRO, whose gradients live inside the engine)."""
+def _local_grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
+    """Total 2-norm of the gradients held on the parameters, on their device (None when no parameter
+    holds one, e.g. under DeepSpeed ZeRO, whose gradients live inside the engine)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return None
-    # NaN/inf in any gradient makes the total norm NaN/inf; one device sync per optimizer step.
-    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0).item())
+    # NaN/inf in any gradient makes the total norm NaN/inf.
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
 # -- trained-token counting ---------------------------------------------------------------------------
@@ -214,15 +246,21 @@ def count_trained_tokens(labels: torch.Tensor) -> int:
     ``num_items_in_batch`` counts all positions instead and differs when a row's first label is
     not -100).
     """
+    return int(_trained_token_count(labels).item())
+
+
+def _trained_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """:func:`count_trained_tokens` as a 0-d tensor on the labels' device (no host sync)."""
     if labels.dim() < 1 or labels.shape[-1] == 0:
-        return 0
-    return int((labels[..., 1:] != IGNORE_INDEX).sum().item())
+        return torch.zeros((), dtype=torch.long, device=labels.device)
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 class TokenCountLogger(TrainerCallback):
     """Count trained tokens per optimizer step, log them, and warn about batches that train nothing.
 
-    Micro-batches arrive through :func:`observe_micro_batch`. At each optimizer step the count is
+    Micro-batches arrive through :func:`observe_micro_batch`; their counts stay on the device until
+    the optimizer step ends, then are read in one transfer. At each optimizer step the count is
     added to ``step_tokens``; a micro-batch with no trained token is reported with a warning naming
     the step (with per-token-mean losses such a batch gives 0/0 = NaN unless the model guards the
     division). At each log the tokens trained since the previous log (summed over ranks) are added
@@ -232,40 +270,39 @@ class TokenCountLogger(TrainerCallback):
     def __init__(self) -> None:
         self.step_tokens: dict[int, int] = {}
         self.empty_micro_batches: list[tuple[int, int]] = []
-        self._current = 0
-        self._micro_index = 0
+        self._counts: list[torch.Tensor] = []  # this optimizer step's micro-batch counts, on device
         self._since_log = 0
 
     def observe_micro_batch(self, state: TrainerState, inputs: Mapping[str, Any], loss: torch.Tensor) -> None:
-        """Add one micro-batch's trained tokens to the optimizer step under way."""
+        """Add one micro-batch's trained tokens to the optimizer step under way (no host sync)."""
         labels = inputs.get("labels")
         if labels is None:
             return
-        count = count_trained_tokens(labels)
-        step = state.global_step + 1
-        if count == 0:
-            self.empty_micro_batches.append((step, self._micro_index))
-            logger.warning(
-                "step %d, micro-batch %d: no trained tokens (every label is -100); it adds nothing to training",
-                step,
-                self._micro_index,
-            )
-        self._current += count
-        self._micro_index += 1
+        self._counts.append(_trained_token_count(labels))
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._micro_index == 0:
+        if not self._counts:
             return  # nothing observed: the Trainer does not call observe_micro_batch
-        self.step_tokens[state.global_step] = self._current
-        if self._current == 0:
-            logger.warning(
-                "step %d: no trained tokens in the whole optimizer step on this process", state.global_step
-            )
-        self._since_log += self._current
-        self._current = 0
-        self._micro_index = 0
+        device = self._counts[0].device
+        counts = [int(c) for c in torch.stack([c.to(device) for c in self._counts]).tolist()]
+        self._counts = []
+        step = state.global_step
+        for index, count in enumerate(counts):
+            if count == 0:
+                self.empty_micro_batches.append((step, index))
+                logger.warning(
+                    "step %d, micro-batch %d: no trained tokens (every label is -100); it adds nothing to "
+                    "training",
+                    step,
+                    index,
+                )
+        total = sum(counts)
+        self.step_tokens[step] = total
+        if total == 0:
+            logger.warning("step %d: no trained tokens in the whole optimizer step on this process", step)
+        self._since_log += total
 
     def on_log(
         self,

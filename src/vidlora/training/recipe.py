@@ -95,6 +95,8 @@ def apply_training_recipe(
             # TrainingArguments mirrors activation_checkpointing here (a bool once parsed).
             gradient_checkpointing=bool(train_args.gradient_checkpointing),
         )
+    # Training never decodes: no KV cache (the LLM's own config decides its forward's default).
+    model.config.text_config.use_cache = False
     train_llm = not (model_args.freeze_backbone or model_args.tune_mm_mlp_adapter)
     if not train_llm:
         model.language_model.requires_grad_(False)
