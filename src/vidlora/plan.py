@@ -109,7 +109,7 @@ def parse_plan_args(
         _raw(values, t) for t in (ModelArguments, DataArguments, TrainingArguments)
     )
     plan = PlanArguments(**vars(_raw(values, PlanArguments)))
-    problems = [f"unknown argument {arg!r}" for arg in leftover]
+    problems = [f"unknown argument {arg!r}" for arg in leftover if arg.startswith("-")]
     if train_raw.evaluation_strategy is not None:
         train_raw.eval_strategy = train_raw.evaluation_strategy
     problems += training_problems(data_raw, train_raw)
