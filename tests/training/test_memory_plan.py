@@ -289,6 +289,25 @@ def test_suggestions_follow_the_seeds_advice_in_order(shape_7b):
     assert suggest(shape_7b, SEED, 80 * GIB) == []
 
 
+def test_a_lever_the_fit_does_not_need_is_dropped(shape_7b):
+    """Batch 8 on 24 GB: checkpointing is not enough and the rank goes down to 8 on the way, but the
+    smaller batch then fits at rank 128 too, so the rank stays."""
+    s = MemorySettings(**{**SEED.__dict__, "gradient_checkpointing": False, "per_device_train_batch_size": 8,
+                          "gradient_accumulation_steps": 1})  # fmt: skip
+    steps = suggest(shape_7b, s, 24 * GIB)
+    assert [x.flags for x in steps] == [
+        "--gradient_checkpointing True",
+        "--per_device_train_batch_size 1 --gradient_accumulation_steps 8",
+    ]
+    assert steps[-1].settings.lora_r == 128 and steps[-1].fits(24 * GIB)
+    # Batch 2 at rank 8 would fit too; at rank 128 it does not, which is why batch 1 is picked.
+    rank_8_batch_2 = MemorySettings(
+        **{**steps[0].settings.__dict__, "lora_r": 8, "per_device_train_batch_size": 2}
+    )
+    rank_128_batch_2 = MemorySettings(**{**steps[0].settings.__dict__, "per_device_train_batch_size": 2})
+    assert estimate(shape_7b, rank_8_batch_2).total <= 24 * GIB < estimate(shape_7b, rank_128_batch_2).total
+
+
 def test_zero_config_errors_name_the_file(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text('{"zero_optimization": {"stage": 5}}')

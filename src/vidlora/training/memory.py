@@ -10,7 +10,7 @@ checks the prediction against the measured peak tensor memory of real training s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -603,8 +603,31 @@ def _offload(s: MemorySettings) -> list[MemorySettings]:
     return [replace(s, zero=ZERO2_OFFLOAD if s.bits != 16 else ZERO3_OFFLOAD)]
 
 
+Lever = Callable[[MemorySettings], list[MemorySettings]]
 #: The seed's advice for out-of-memory, made automatic, in the order it is tried.
-LEVERS = (_checkpointing, _lower_rank, _smaller_batch, _four_bits, _offload)
+LEVERS: tuple[Lever, ...] = (_checkpointing, _lower_rank, _smaller_batch, _four_bits, _offload)
+
+
+def _walk(
+    shape: ModelShape, s: MemorySettings, gpu_memory: int, levers: tuple[Lever, ...]
+) -> list[tuple[Lever, Suggestion]]:
+    """Pull `levers` in order until the run fits, each on top of the ones before."""
+    found: list[tuple[Lever, Suggestion]] = []
+    current = s
+    for lever in levers:
+        candidates = lever(current)
+        if not candidates:
+            continue
+        totals = [estimate(shape, c).total for c in candidates]
+        fitting = [i for i, total in enumerate(totals) if total <= gpu_memory]
+        pick = fitting[0] if fitting else len(candidates) - 1
+        found.append(
+            (lever, Suggestion(_flag_changes(current, candidates[pick]), candidates[pick], totals[pick]))
+        )
+        current = candidates[pick]
+        if fitting:
+            break
+    return found
 
 
 def suggest(shape: ModelShape, s: MemorySettings, gpu_memory: int) -> list[Suggestion]:
@@ -613,21 +636,18 @@ def suggest(shape: ModelShape, s: MemorySettings, gpu_memory: int) -> list[Sugge
     (same global batch), 4-bit QLoRA, a ZeRO config with optimizer offload.
 
     Each lever takes its mildest value that fits; one that does not fit anyway is applied at its
-    strongest and the next is tried on top. Empty when the run already fits.
+    strongest and the next is tried on top. A lever that the final fit turns out not to need
+    (a lower rank before a smaller batch that fits alone) is dropped again. Empty when the run
+    already fits.
     """
-    found: list[Suggestion] = []
-    current = s
-    if estimate(shape, current).total <= gpu_memory:
-        return found
-    for lever in LEVERS:
-        candidates = lever(current)
-        if not candidates:
-            continue
-        totals = [estimate(shape, c).total for c in candidates]
-        fitting = [i for i, total in enumerate(totals) if total <= gpu_memory]
-        pick = fitting[0] if fitting else len(candidates) - 1
-        found.append(Suggestion(_flag_changes(current, candidates[pick]), candidates[pick], totals[pick]))
-        current = candidates[pick]
-        if fitting:
+    if estimate(shape, s).total <= gpu_memory:
+        return []
+    found = _walk(shape, s, gpu_memory, LEVERS)
+    for lever, _ in reversed(found[:-1]):
+        if not found[-1][1].fits(gpu_memory):
             break
-    return found
+        used = tuple(used for used, _ in found if used is not lever)
+        without = _walk(shape, s, gpu_memory, used)
+        if without and without[-1][1].fits(gpu_memory):
+            found = without
+    return [suggestion for _, suggestion in found]
