@@ -405,7 +405,7 @@ def _layer_bytes_per_token(shape: ModelShape, s: MemorySettings) -> int:
     - attention keeps q and k after RoPE, v and the output (d(2h + 2 kv)), plus fp32 log-sum-exp (4a);
     - the gated MLP keeps the gate, its SiLU and the up projection (3 d f);
     - the linear layers' inputs: LoRA with dropout keeps, per adapted linear, the dropout mask
-      (1 byte on CUDA; on the CPU a noise tensor of d bytes) and the dropped copy that lora_A saves (q, k, v, o, gate, up: h each; down: f), plus
+      (1 byte on CUDA; on the CPU a noise tensor in the adapters' dtype) and the dropped copy that lora_A saves (q, k, v, o, gate, up: h each; down: f), plus
       lora_A's r outputs; a frozen base linear saves nothing. Without dropout the copies are the
       shared inputs (h for q/k/v, h for o, h for gate/up, f for down); a fully trained LLM saves
       the same shared inputs. A frozen LLM without LoRA saves no linear input.
@@ -416,7 +416,9 @@ def _layer_bytes_per_token(shape: ModelShape, s: MemorySettings) -> int:
     if s.train_llm and s.lora_enable:
         adapted_in = 6 * h + f
         if s.lora_dropout > 0:
-            mask = 1 if s.device == "cuda" else d
+            # CUDA's fused dropout keeps a 1-byte mask; the CPU's a noise tensor in the adapters'
+            # dtype (PEFT casts the input to it): fp32 without DeepSpeed, the training dtype with.
+            mask = 1 if s.device == "cuda" else 4 if s.zero.stage == 0 else d
             per_token += adapted_in * (mask + d)
         else:
             per_token += d * (3 * h + f)
