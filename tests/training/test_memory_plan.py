@@ -368,3 +368,13 @@ def test_plan_command_table_for_tiny_and_errors(capsys):
         == 2
     )
     assert "ZeRO-3" in capsys.readouterr().err
+
+
+def test_plan_takes_the_seed_command_as_pasted(original_argv, tmp_path, capsys):
+    """Every flag of the original's command (here on the tiny model) is accepted; nothing is written."""
+    out = tmp_path / "out"
+    assert cli_main(["plan", *original_argv(out), "--num_gpus", "2", "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert settings["lora_r"] == 8 and settings["gradient_checkpointing"] is True
+    assert settings["global_batch"] == 2 * 2 * 2 and settings["modality"] == "video"
+    assert not out.exists()
