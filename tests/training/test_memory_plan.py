@@ -378,3 +378,12 @@ def test_plan_takes_the_seed_command_as_pasted(original_argv, tmp_path, capsys):
     assert settings["lora_r"] == 8 and settings["gradient_checkpointing"] is True
     assert settings["global_batch"] == 2 * 2 * 2 and settings["modality"] == "video"
     assert not out.exists()
+
+
+def test_ddp_buckets_and_invalid_settings(shape_7b):
+    one = estimate(shape_7b, SEED)
+    ddp = estimate(shape_7b, MemorySettings(**{**SEED.__dict__, "num_gpus": 8}))
+    assert ddp.gradients == 2 * one.gradients == (N_LORA_128 + PROJECTOR) * 8
+    assert ddp.total - one.total == one.gradients
+    with pytest.raises(ValueError, match="--bits 4 with ZeRO-3"):
+        estimate(shape_7b, MemorySettings(bits=4, zero=ZeroSettings(stage=3)))

@@ -433,7 +433,8 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
 
     Trainable parameters (LoRA + projector): without DeepSpeed they are fp32 (the optimizer updates
     them directly), so 4 B working copy + 4 B gradient + 8 B AdamW moments, plus autocast's
-    bf16/fp16 copy of each (2 B) held through the forward. Under DeepSpeed they take the training
+    bf16/fp16 copy of each (2 B) held through the forward; on several GPUs DDP's gradient buckets
+    add another 4 B. Under DeepSpeed they take the training
     dtype (d B) with d B gradients and an fp32 copy of them for the step (4 B); the optimizer holds
     the fp32 master and two moments (12 B). Every ZeRO stage partitions the optimizer states over
     the GPUs, stage 2 the gradients too, stage 3 the parameters themselves; ``offload_optimizer``
@@ -447,6 +448,9 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
     recomputed layer. The loss holds three fp32 [L, vocab] tensors (log-probabilities and the
     gradients in and out of log_softmax). Accumulation does not change the peak.
     """
+    problems = s.problems()
+    if problems:
+        raise UsageError(" ".join(problems))
     zero = s.zero
     n = s.num_gpus
     d = s.dtype_bytes
@@ -466,7 +470,8 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
 
     if zero.stage == 0:
         trainable_bytes = trainable * (4 + (2 if s.precision != "fp32" else 0))
-        gradients = trainable * 4
+        # Several GPUs without DeepSpeed: DDP's reducer keeps its buckets beside the gradients.
+        gradients = trainable * 4 * (2 if n > 1 else 1)
         optimizer = trainable * 8
     else:
         shard = math.ceil(trainable / n)
