@@ -279,9 +279,36 @@ def test_4bit_weights_count_nf4_with_double_quant(shape_7b):
     assert q == 32 * (4 * 4096**2 + 3 * 4096 * 11008)
     llm = shape_7b.parts["language_model"]
     towers = shape_7b.base_params - llm - PROJECTOR
-    nf4 = math.ceil(q * (0.5 + 1 / 64 + 4 / (64 * 256)))
+    # 7B layers: every size a multiple of 64 * 256; per layer 1 + 256 + 16 fp32 constants.
+    nf4 = q // 2 + q // 64 + 4 * q // (64 * 256) + 32 * 7 * 4 * (256 + 1 + 16)
     assert e.weights == towers * 2 + nf4 + (llm - q) * 4  # embeddings, norms, lm_head in fp32
+    assert e.activations == 32 * 4103 * 4096 * 4 + 2056 * (1024 + 4096 + 4096) * 2  # fp32 residual stream
     assert e.total < estimate(shape_7b, SEED).total - 6 * GIB
+
+
+def test_4bit_weights_match_what_bitsandbytes_allocates():
+    """The LLM quantized by the recipe's own quantizer on the CPU: every stored tensor (packed
+    weights, absmax, double-quant constants and codes, fp32 embeddings/norms/head, bf16 towers and
+    projector) counted once, against the weights term (+ the bf16 projector, trained)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from vidlora.model.quantize import quantize_language_model
+
+    model, _ = build_preset("tiny", text_config=_TEXT)
+    model.to(torch.bfloat16)
+    shape = read_model_shape(model)
+    quantize_language_model(model, bits=4, compute_dtype=torch.bfloat16, double_quant=True, device="cpu")
+    storages = {}
+    tensors = list(model.parameters())
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            tensors += [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+    for tensor in tensors:
+        storages[id(tensor.untyped_storage())] = tensor.untyped_storage().nbytes()
+    predicted = estimate(shape, MemorySettings(lora_r=8, bits=4)).weights + shape.parts["mm_projector"] * 2
+    assert predicted == sum(storages.values())
 
 
 def test_suggestions_follow_the_seeds_advice_in_order(shape_7b):

@@ -189,7 +189,7 @@ class ModelShape:
 
     parts: dict[str, int]
     lora_per_rank: int  # LoRA parameters per unit of rank: sum of (in + out) over the targets
-    quantizable: int  # weights of the LLM linear layers that --bits quantizes
+    quantizable_sizes: tuple[int, ...]  # weights per LLM linear layer that --bits quantizes
     quantizable_rows: int  # their output rows (LLM.int8() keeps one fp32 scale per row)
     largest_block: int  # parameters of the largest decoder/encoder layer or other module
     param_sizes: tuple[int, ...]  # every parameter's element count (ZeRO-3 keeps small ones whole)
@@ -207,6 +207,11 @@ class ModelShape:
     tower_intermediate: int
     tower_layers: int
     tower_pixels: int  # 3 * H * W of one frame or image
+
+    @property
+    def quantizable(self) -> int:
+        """Weights that --bits quantizes."""
+        return sum(self.quantizable_sizes)
 
     @property
     def base_params(self) -> int:
@@ -237,7 +242,7 @@ def read_model_shape(model: VideoLlavaForCausalLM) -> ModelShape:
     counts = count_parameters(model, lora_r=1)
     targets = [model.get_submodule(name) for name in lora_target_module_names(model)]
     linears = [m for m in targets if isinstance(m, nn.Linear)]  # all of them: LoRA targets are linear
-    quantizable = sum(m.in_features * m.out_features for m in linears)
+    quantizable = tuple(m.in_features * m.out_features for m in linears)
     rows = sum(m.out_features for m in linears)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -251,7 +256,7 @@ def read_model_shape(model: VideoLlavaForCausalLM) -> ModelShape:
     return ModelShape(
         parts=dict(counts.parts),
         lora_per_rank=counts.lora,
-        quantizable=quantizable,
+        quantizable_sizes=quantizable,
         quantizable_rows=rows,
         largest_block=max(_blocks(model), default=0),
         param_sizes=tuple(p.numel() for p in model.parameters()),
@@ -345,6 +350,15 @@ class MemoryEstimate:
         return {name: round(getattr(self, name) / GIB, 2) for name in BREAKDOWN}
 
 
+def _nf4_bytes(weights: int, double_quant: bool) -> int:
+    """One 4-bit layer as bitsandbytes stores it: two weights per byte, one absmax per 64 (fp32, or
+    8-bit with one fp32 per 256 of them and the 256-entry fp32 code under double quantization),
+    and the 16-entry fp32 NF4 code."""
+    blocks = math.ceil(weights / _NF4_BLOCK)
+    constants = blocks + 4 * math.ceil(blocks / _DQ_BLOCK) + 4 * (256 + 1) if double_quant else 4 * blocks
+    return math.ceil(weights / 2) + constants + 4 * 16
+
+
 def _weights_bytes(shape: ModelShape, s: MemorySettings) -> int:
     """Frozen base weights in their dtype (quantized LLM linears at 4/8 bits)."""
     dtype = s.dtype_bytes
@@ -361,10 +375,7 @@ def _weights_bytes(shape: ModelShape, s: MemorySettings) -> int:
             # unless DeepSpeed casts the whole module to the training dtype.
             rest = (llm - shape.quantizable) * (dtype if s.zero.stage else 4)
             if s.bits == 4:
-                per_weight = 0.5 + (
-                    1 / _NF4_BLOCK + 4 / (_NF4_BLOCK * _DQ_BLOCK) if s.double_quant else 4 / _NF4_BLOCK
-                )
-                total += math.ceil(shape.quantizable * per_weight) + rest
+                total += sum(_nf4_bytes(n, s.double_quant) for n in shape.quantizable_sizes) + rest
             else:
                 total += shape.quantizable + 4 * shape.quantizable_rows + rest
     return total
@@ -405,8 +416,8 @@ def _layer_bytes_per_token(shape: ModelShape, s: MemorySettings) -> int:
     - attention keeps q and k after RoPE, v and the output (d(2h + 2 kv)), plus fp32 log-sum-exp (4a);
     - the gated MLP keeps the gate, its SiLU and the up projection (3 d f);
     - the linear layers' inputs: LoRA with dropout keeps, per adapted linear, the dropout mask
-      (1 byte on CUDA; on the CPU a noise tensor in the adapters' dtype) and the dropped copy that lora_A saves (q, k, v, o, gate, up: h each; down: f), plus
-      lora_A's r outputs; a frozen base linear saves nothing. Without dropout the copies are the
+      (1 byte on CUDA; on the CPU a noise tensor in the adapters' dtype) and the dropped copy
+      that lora_A saves (q, k, v, o, gate, up: h each; down: f), plus lora_A's r outputs; a frozen base linear saves nothing. Without dropout the copies are the
       shared inputs (h for q/k/v, h for o, h for gate/up, f for down); a fully trained LLM saves
       the same shared inputs. A frozen LLM without LoRA saves no linear input.
     """
@@ -485,7 +496,9 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
         gradients = bucket + kept
         optimizer = on_gpu * shard * 12
 
-    ckpt_inputs = tokens * shape.hidden * d
+    # QLoRA without DeepSpeed keeps the embeddings and norms in fp32: the residual stream is fp32.
+    residual = 4 if s.bits != 16 and zero.stage == 0 else d
+    ckpt_inputs = tokens * shape.hidden * residual
     layer = tokens * _layer_bytes_per_token(shape, s)
     projector = s.per_device_train_batch_size * media * shape.projector_saved_width * d
     if not s.train_projector:
