@@ -286,10 +286,12 @@ def test_4bit_weights_count_nf4_with_double_quant(shape_7b):
     assert e.total < estimate(shape_7b, SEED).total - 6 * GIB
 
 
-def test_4bit_weights_match_what_bitsandbytes_allocates():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_weights_match_what_bitsandbytes_allocates(bits):
     """The LLM quantized by the recipe's own quantizer on the CPU: every stored tensor (packed
-    weights, absmax, double-quant constants and codes, fp32 embeddings/norms/head, bf16 towers and
-    projector) counted once, against the weights term (+ the bf16 projector, trained)."""
+    weights with absmax, double-quant constants and codes, or int8 weights with their row scales;
+    fp32 embeddings/norms/head; bf16 towers and projector) counted once, against the weights term
+    (+ the bf16 projector, which trains)."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
@@ -298,16 +300,16 @@ def test_4bit_weights_match_what_bitsandbytes_allocates():
     model, _ = build_preset("tiny", text_config=_TEXT)
     model.to(torch.bfloat16)
     shape = read_model_shape(model)
-    quantize_language_model(model, bits=4, compute_dtype=torch.bfloat16, double_quant=True, device="cpu")
-    storages = {}
+    quantize_language_model(model, bits=bits, compute_dtype=torch.bfloat16, double_quant=True, device="cpu")
     tensors = list(model.parameters())
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             state = module.weight.quant_state
             tensors += [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
-    for tensor in tensors:
-        storages[id(tensor.untyped_storage())] = tensor.untyped_storage().nbytes()
-    predicted = estimate(shape, MemorySettings(lora_r=8, bits=4)).weights + shape.parts["mm_projector"] * 2
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            tensors.append(module.weight.SCB)
+    storages = {id(x.untyped_storage()): x.untyped_storage().nbytes() for x in tensors}
+    predicted = estimate(shape, MemorySettings(lora_r=8, bits=bits)).weights + shape.parts["mm_projector"] * 2
     assert predicted == sum(storages.values())
 
 
