@@ -119,6 +119,8 @@ def parse_plan_args(
         problems.append(f"--gpu_memory {plan.gpu_memory}: must be positive (GB).")
     if plan.modality is not None and plan.modality not in MODALITIES:
         problems.append(f"--modality {plan.modality}: use one of {', '.join(MODALITIES)}.")
+    elif plan.modality in ("video", "image") and plan.modality.capitalize() not in model_raw.X:
+        problems.append(f"--modality {plan.modality}: --X {' '.join(model_raw.X)} does not enable it.")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(train_raw, name) < 1:
             problems.append(f"--{name} {getattr(train_raw, name)}: must be at least 1.")

@@ -397,6 +397,10 @@ def test_plan_command_table_for_tiny_and_errors(capsys):
         == 2
     )
     assert "ZeRO-3" in capsys.readouterr().err
+    assert cli_main(["plan", "--modality", "image", "--X", "Video"]) == 2
+    assert "--X Video does not enable it" in capsys.readouterr().err
+    assert cli_main(["plan", "--X", "Image", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["media_tokens"] == 16  # (64 // 16) ** 2
 
 
 def test_plan_takes_the_seed_command_as_pasted(original_argv, tmp_path, capsys):
