@@ -147,8 +147,8 @@ def _tiny_shape():
 @pytest.mark.parametrize(
     ("precision", "checkpointing", "batch", "text_tokens"),
     [
-        ("fp32", False, 2, 400),
-        ("bf16", True, 2, 400),
+        ("fp32", False, 2, 200),
+        ("bf16", True, 2, 200),
         pytest.param("bf16", False, 2, 400, marks=pytest.mark.slow),
         pytest.param("fp32", True, 2, 400, marks=pytest.mark.slow),
         pytest.param("fp32", True, 1, 200, marks=pytest.mark.slow),
