@@ -300,6 +300,21 @@ def prepare_sample(
     return prepared
 
 
+def prepare_samples(
+    samples: Sequence[Sample],
+    processor: Processor,
+    tokenizer: PreTrainedTokenizerBase,
+    folders: MediaFolders,
+    *,
+    check_files: bool = True,
+) -> list[PreparedSample]:
+    """:func:`prepare_sample` for every sample, in order (the dataset's construction-time pass).
+
+    Picklable, so one rank of a multi-process launch can run it and hand the result to the others.
+    """
+    return [prepare_sample(s, processor, tokenizer, folders, check_files=check_files) for s in samples]
+
+
 # -- the dataset ------------------------------------------------------------------------------
 
 
@@ -327,6 +342,8 @@ class SupervisedDataset(Dataset):
             count as skipped samples, or raise, exactly like construction problems.
         frame_cache: read pixels from (and store them in) this cache instead of decoding every
             time; a file that fails to decode fails exactly as without it.
+        prepared: the samples already validated and tokenized (:func:`prepare_samples`, e.g. by
+            rank 0 of a launch); None prepares them here.
 
     Raises:
         BadSamplesError: problems found and ``skip_bad_samples`` is off.
@@ -344,6 +361,7 @@ class SupervisedDataset(Dataset):
         check_files: bool = True,
         prior_problems: Sequence[SampleProblem] = (),
         frame_cache: FrameCache | None = None,
+        prepared: Sequence[PreparedSample] | None = None,
     ) -> None:
         self.processor = processor
         self.frame_cache = frame_cache
@@ -351,13 +369,16 @@ class SupervisedDataset(Dataset):
         self.folders = folders
         self.decode_timeout = decode_timeout
         self.skip_bad_samples = skip_bad_samples
+        if prepared is None:
+            prepared = prepare_samples(samples, processor, tokenizer, folders, check_files=check_files)
+        elif [p.sample for p in prepared] != list(samples):
+            raise ValueError("`prepared` must hold one PreparedSample per sample, in order")
         problems = list(prior_problems)
         entries: list[PreparedSample] = []
-        for sample in samples:
-            prepared = prepare_sample(sample, processor, tokenizer, folders, check_files=check_files)
-            if prepared.ok:
-                entries.append(prepared)
-            problems += prepared.problems
+        for entry in prepared:
+            if entry.ok:
+                entries.append(entry)
+            problems += entry.problems
         # An unreadable record *file* is never skipped: it is a wrong path or a broken export,
         # and training on the remaining files would silently lose a whole part of the data.
         fatal = [p for p in problems if p.kind is ProblemKind.INVALID_FILE]

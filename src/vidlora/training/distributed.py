@@ -14,9 +14,13 @@ model fixes that; on a GPU it is a no-op in effect (DeepSpeed reuses an existing
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any, TypeVar, cast
 
 from vidlora.errors import VidloraError
+
+T = TypeVar("T")
 
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -53,3 +57,30 @@ def init_deepspeed_distributed(deepspeed_config: str | dict | None, timeout_s: i
 
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     return True
+
+
+def computed_on_rank_zero(compute: Callable[[], T], *, what: str) -> T:
+    """Run ``compute`` on rank 0 alone and hand its (picklable) result to every rank.
+
+    Reading and tokenizing a large data set costs every rank the same CPU time and memory peak;
+    under a launch of N processes per machine that is N identical passes. Without an initialised
+    process group of several ranks this is just ``compute()``. When ``compute`` fails on rank 0,
+    the other ranks raise too (instead of waiting in the collective until it times out).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    payload: list[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [("ok", compute())]
+        except Exception as err:
+            dist.broadcast_object_list([("error", f"{type(err).__name__}: {err}")], src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    status, value = cast("tuple[str, Any]", payload[0])
+    if status == "error":
+        first_line = str(value).splitlines()[0]
+        raise VidloraError(f"{what} failed on rank 0 (its error is printed there): {first_line}")
+    return cast("T", value)

@@ -30,11 +30,20 @@ from vidlora.args import (
     wants_evaluation,
 )
 from vidlora.checkpoint import RunRecord
-from vidlora.data.dataset import SupervisedDataset, train_eval_split
+from vidlora.data.dataset import (
+    PreparedSample,
+    SampleProblem,
+    SupervisedDataset,
+    prepare_samples,
+    read_samples,
+    train_eval_split,
+)
 from vidlora.data.frame_cache import FrameCache
 from vidlora.data.processor import Processor
+from vidlora.data.records import Sample
 from vidlora.errors import UsageError
 from vidlora.model.loading import LoadedModel
+from vidlora.training.distributed import computed_on_rank_zero
 
 if TYPE_CHECKING:
     from vidlora.model.lora import LoraBias
@@ -137,15 +146,27 @@ def build_datasets(
     """Training dataset and (optionally) evaluation dataset, all records validated up front."""
     frame_cache = FrameCache.from_flag(data_args.frame_cache)
 
+    folders = media_folders(data_args)
+    # Sets up the process group of a torchrun launch (DeepSpeed's is up already), so that rank 0
+    # alone reads and tokenizes the records and the other ranks receive its result.
+    train_args.world_size  # noqa: B018
+
     def read(paths: list[str]) -> SupervisedDataset:
-        return SupervisedDataset.from_paths(
-            paths,
+        def prepare() -> tuple[list[Sample], list[SampleProblem], list[PreparedSample]]:
+            samples, problems = read_samples(paths)
+            return samples, problems, prepare_samples(samples, processor, tokenizer, folders)
+
+        samples, problems, prepared = computed_on_rank_zero(prepare, what=f"reading {' '.join(paths)}")
+        return SupervisedDataset(
+            samples,
             processor=processor,
             tokenizer=tokenizer,
-            folders=media_folders(data_args),
+            folders=folders,
             decode_timeout=data_args.decode_timeout,
             skip_bad_samples=data_args.skip_bad_samples,
+            prior_problems=problems,
             frame_cache=frame_cache,
+            prepared=prepared,
         )
 
     assert data_args.data_path, "parse_train_args requires --data_path"
