@@ -207,3 +207,40 @@ def test_build_config_overrides():
     assert PRESETS["videollava-7b"].text["num_hidden_layers"] == 32
     with pytest.raises(ValueError, match="override video_config must be a dict of fields or None"):
         build_config("videollava-7b", video_config=8)
+
+
+def test_random_build_on_a_device_matches_the_preset_structure_and_keeps_buffers_in_float32():
+    import torch
+
+    from vidlora.model.presets import build_preset, build_random
+
+    model, tokenizer = build_random("tiny", device="cpu", dtype=torch.bfloat16, seed=1)
+    reference, _ = build_preset("tiny")
+    params = dict(model.named_parameters())
+    assert params.keys() == dict(reference.named_parameters()).keys()
+    assert {p.dtype for p in params.values()} == {torch.bfloat16}
+    assert all(torch.isfinite(p).all() for p in params.values())
+    # Initialised, not left as allocated memory: weights spread like the preset's own initialisation.
+    for name in ("language_model.model.layers.0.self_attn.q_proj.weight", "mm_projector.0.weight"):
+        std, ref_std = (
+            params[name].float().std().item(),
+            dict(reference.named_parameters())[name].std().item(),
+        )
+        assert abs(std - ref_std) < 0.2 * ref_std
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[name], buffer)
+    ids = tokenizer("USER: <video>\nhi ASSISTANT:").input_ids
+    assert model.config.video_token_id in ids and len(tokenizer) == model.config.text_config.vocab_size
+
+
+def test_the_7b_stand_in_tokenizer_puts_the_media_tokens_at_the_presets_ids():
+    from vidlora.model.presets import build_config, standin_tokenizer
+
+    tokenizer = standin_tokenizer("videollava-7b")
+    config = build_config("videollava-7b")
+    assert len(tokenizer) == config.text_config.vocab_size == 32003
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<video>", "<pad>"]) == [32000, 32001, 32002]
+    assert tokenizer.pad_token_id == config.pad_token_id
+    # The filler pieces are never produced by text.
+    ids = tokenizer("A chat between a curious user and an assistant. <video>\n What is 12 + 30?").input_ids
+    assert max(i for i in ids if i != 32001) < 1000

@@ -239,3 +239,48 @@ def build_preset(
     if target != build_on:
         model.to(target)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides `self`
     return model.eval(), tokenizer
+
+
+def standin_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """A tokenizer for preset `name` built offline: the tiny tokenizer, padded for presets whose
+    real tokenizer must be downloaded so that ``<image>``, ``<video>`` and ``<pad>`` get the
+    preset's ids and the vocabulary its size."""
+    preset = get_preset(name)
+    if preset.tiny_tokenizer:
+        return _build_tiny_tokenizer()
+    from vidlora.model.tokenizer import add_media_tokens, build_tiny_tokenizer
+
+    config = build_config(name)
+    media_ids = (config.image_token_id, config.video_token_id, config.pad_token_id)
+    tokenizer = build_tiny_tokenizer(pad_vocab_to=min(i for i in media_ids if i is not None))
+    ids = add_media_tokens(tokenizer)
+    if (ids.image, ids.video, ids.pad) != media_ids or len(tokenizer) != config.text_config.vocab_size:
+        raise ValueError(f"preset {name!r}: the stand-in tokenizer's ids {ids} differ from {media_ids}")
+    return tokenizer
+
+
+def build_random(
+    name: str, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0
+) -> tuple[VideoLlavaForCausalLM, PreTrainedTokenizerBase]:
+    """Preset `name` with random weights initialised on `device` in `dtype`, and a tokenizer.
+
+    For throughput and memory measurements (`vidlora bench` on a GPU): the 7B model is built on
+    the meta device, allocated on the GPU and initialised there in seconds, with no host copy.
+    A preset whose real tokenizer cannot be built offline gets the tiny tokenizer padded to its
+    vocabulary (:func:`~vidlora.model.tokenizer.build_tiny_tokenizer` ``pad_vocab_to``), so the
+    media and pad tokens have the preset's ids; texts split into other pieces than with the real
+    tokenizer, which changes a step's cost only through the text lengths.
+    """
+    tokenizer = standin_tokenizer(name)
+    config = build_config(name, tokenizer=tokenizer)
+    with torch.device("meta"):
+        model = VideoLlavaForCausalLM(config)
+    model.to_empty(device=device)
+    # Parameters in `dtype`; buffers (rotary frequencies, position ids) keep theirs, as when loading.
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            model._init_weights(module)
+    return model.eval(), tokenizer

@@ -139,7 +139,7 @@ def _wrap(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
 
 
 def build_tiny_tokenizer(
-    vocab_size: int = TINY_VOCAB_SIZE, model_max_length: int = 4096
+    vocab_size: int = TINY_VOCAB_SIZE, model_max_length: int = 4096, *, pad_vocab_to: int | None = None
 ) -> PreTrainedTokenizerFast:
     """Build the LLaMA-style tiny tokenizer (Metaspace + byte-fallback BPE, BOS on encode).
 
@@ -147,6 +147,9 @@ def build_tiny_tokenizer(
         vocab_size: total size of the base vocabulary (specials + 256 byte pieces + merges),
             before the media tokens are appended. Must leave room for the alphabet.
         model_max_length: recorded on the tokenizer (it does not truncate on its own).
+        pad_vocab_to: fill the base vocabulary with pieces no text produces (``<unused_K>``) up
+            to this size, so the media tokens land where a larger model expects them (a stand-in
+            for a tokenizer that cannot be built offline, e.g. Vicuna's 32,000 pieces).
 
     Returns:
         A fast tokenizer with ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<0x00>``..``<0xFF>`` = 3..258,
@@ -172,6 +175,10 @@ def build_tiny_tokenizer(
     for piece, _ in sorted(trained_vocab.items(), key=lambda kv: kv[1]):
         if piece not in vocab:
             vocab[piece] = len(vocab)
+    if pad_vocab_to is not None:
+        if pad_vocab_to < len(vocab):
+            raise ValueError(f"pad_vocab_to {pad_vocab_to} is below the trained vocabulary ({len(vocab)})")
+        vocab.update({f"<unused_{k}>": k for k in range(len(vocab), pad_vocab_to)})
 
     tok = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN, byte_fallback=True, fuse_unk=True)
