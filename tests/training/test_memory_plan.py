@@ -444,6 +444,11 @@ def test_plan_command_json(capsys):
     assert out["total_gb"] == 22.77 and out["fits"] is True and out["suggestions"] == []
     assert out["settings"]["lora_r"] == 128 and out["settings"]["sequence_length"] == 4103
     assert out["breakdown"]["weights"] == 13.87
+    assert out["settings"]["labelled_tokens"] == 2047 and out["settings"]["labelled_tokens_upper_bound"]
+    assert cli_main(["plan", *flags, "--labelled_tokens", "100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["labelled_tokens"] == 100 and not out["settings"]["labelled_tokens_upper_bound"]
+    assert out["breakdown"]["logits"] == round((4103 * 4096 * 4 + 100 * 32003 * 12) / GIB, 2) == 0.1
 
 
 def test_plan_command_table_for_tiny_and_errors(capsys):
@@ -451,6 +456,11 @@ def test_plan_command_table_for_tiny_and_errors(capsys):
     out = capsys.readouterr().out
     assert out.startswith("tiny: LLM trained in full, fp32") and "| **peak per GPU** |" in out
     assert "does NOT fit" in out  # 1 GB: the CUDA overhead alone takes it
+    assert "2047 of them labelled (every text token: an upper bound, --labelled_tokens N to set)" in out
+    assert cli_main(["plan", "--labelled_tokens", "2048"]) == 2
+    assert "--labelled_tokens 2048: a sample has only 2047 text tokens" in capsys.readouterr().err
+    assert cli_main(["plan", "--labelled_tokens", "-1"]) == 2
+    assert "--labelled_tokens -1: must be at least 0" in capsys.readouterr().err
     assert cli_main(["plan", "--lora_r", "8", "--no_such_flag", "1", "--num_gpus", "0"]) == 2
     err = capsys.readouterr().err
     assert "unknown argument '--no_such_flag'" in err and "--num_gpus 0" in err
