@@ -232,6 +232,9 @@ def test_the_default_labels_every_text_token():
     e = estimate(shape, _tiny_settings(model_max_length=200))
     assert (e.sequence_length, e.media_tokens, e.labelled_tokens) == (199 + 136, 136, 199)
     assert e.logits == 2 * 335 * 128 * 4 + 2 * 199 * 2048 * 12  # final norm's fp32 input + the loss
+    # The LLM trained in full: the head trains, so it also saves its gathered fp32 input [N, hidden].
+    full = estimate(shape, _tiny_settings(model_max_length=200, lora_enable=False, precision="fp32"))
+    assert full.logits == e.logits + 2 * 199 * 128 * 4
     with pytest.raises(ValueError, match="--labelled_tokens 200: a sample has only 199 text tokens"):
         estimate(shape, _tiny_settings(model_max_length=200, labelled_tokens=200))
     with pytest.raises(ValueError, match="--labelled_tokens -1"):
