@@ -1,7 +1,9 @@
 """`vidlora plan`: will this training run fit on the GPU? Peak memory per GPU, before launch.
 
 Takes `vidlora train`'s own flags (paste the train command's), plus ``--num_gpus``,
-``--gpu_memory`` and ``--json``. The model is read on the meta device, so ``videollava-7b`` plans
+``--gpu_memory``, ``--modality``, ``--labelled_tokens`` and ``--json``. Knowing no data, it
+assumes the largest sample with every text token labelled unless ``--labelled_tokens`` says
+otherwise. The model is read on the meta device, so ``videollava-7b`` plans
 in seconds; the estimate itself is :mod:`vidlora.training.memory`. With ``--gpu_memory`` it says
 whether the run fits and, if not, which settings do (the seed's out-of-memory advice, automated).
 """
@@ -53,6 +55,13 @@ class PlanArguments:
             "help": "Media of the largest sample: video, image or text (default: the enabled one with most tokens)."
         },
     )
+    labelled_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per sample that take a loss (the answers'; the output head and the loss run "
+            "there only). Default: every text token of the largest sample, an upper bound."
+        },
+    )
     json: bool = field(default=False, metadata={"help": "Print one JSON object instead of tables."})
 
 
@@ -80,7 +89,7 @@ _LABELS = {
     "optimizer": "AdamW states",
     "activations": "activations kept for backward",
     "layer_backward": "one layer's backward (recompute + gradients)",
-    "logits": "loss over [tokens, vocab] in fp32",
+    "logits": "loss over [labelled tokens, vocab] in fp32",
     "towers": "towers' forward (transient, no autograd)",
     "cuda_overhead": "CUDA context + allocator reserve",
 }
@@ -117,6 +126,8 @@ def parse_plan_args(
         problems.append(f"--num_gpus {plan.num_gpus}: must be at least 1.")
     if plan.gpu_memory is not None and plan.gpu_memory <= 0:
         problems.append(f"--gpu_memory {plan.gpu_memory}: must be positive (GB).")
+    if plan.labelled_tokens is not None and plan.labelled_tokens < 0:
+        problems.append(f"--labelled_tokens {plan.labelled_tokens}: must be at least 0.")
     if plan.modality is not None and plan.modality not in MODALITIES:
         problems.append(f"--modality {plan.modality}: use one of {', '.join(MODALITIES)}.")
     elif plan.modality in ("video", "image") and plan.modality.capitalize() not in model_raw.X:
@@ -166,6 +177,7 @@ def settings_from_args(
         num_gpus=plan.num_gpus,
         model_max_length=data.model_max_length,
         tokenizer_model_max_length=data.tokenizer_model_max_length,
+        labelled_tokens=plan.labelled_tokens,
         modality=_modality(shape, model, plan),  # type: ignore[arg-type]  # checked by parse_plan_args
         num_frames=model.num_frames,
         gradient_checkpointing=bool(checkpointing),
@@ -202,11 +214,16 @@ def _describe(plan: Plan) -> str:
     zero = f"ZeRO-{s.zero.stage} ({s.zero.source})" if s.zero.stage else "no DeepSpeed"
     offload = " + optimizer offload" if s.zero.offload_optimizer else ""
     text = s.model_max_length - (1 if e.media_tokens else 0)
+    labelled = (
+        "every text token: an upper bound, --labelled_tokens N to set"
+        if s.labelled_tokens is None
+        else "--labelled_tokens"
+    )
     return (
         f"{plan.model}: {recipe}{bits}, {s.precision}, batch {s.per_device_train_batch_size} per GPU x "
         f"{s.gradient_accumulation_steps} accumulation x {s.num_gpus} GPU(s) = {s.global_batch}, "
         f"{e.sequence_length} tokens per sample ({text} text + {e.media_tokens} {s.modality}), "
-        f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, {zero}{offload}"
+        f"{e.labelled_tokens} of them labelled ({labelled}), gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, {zero}{offload}"
     )
 
 
@@ -240,6 +257,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "global_batch": plan.settings.global_batch,
         "sequence_length": plan.estimate.sequence_length,
         "media_tokens": plan.estimate.media_tokens,
+        "labelled_tokens": plan.estimate.labelled_tokens,
+        "labelled_tokens_upper_bound": plan.settings.labelled_tokens is None,
     }
     return {
         "settings": settings,

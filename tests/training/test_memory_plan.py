@@ -3,9 +3,11 @@ for Video-LLaVA-7B with hand-checked terms."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,14 +85,15 @@ _TEXT = {
 }
 
 
-def measure_step(settings: MemorySettings) -> tuple[int, int]:
+def measure_step(settings: MemorySettings, answer_tokens: int | None = None) -> tuple[int, int, torch.Tensor]:
     """(peak live tensor bytes of the second training step, bytes of the model and optimizer before
-    it) for the tiny
-    preset with `_TEXT` trained under `settings` (fp32 or bf16 autocast, one video per sample,
-    every text token).
+    it, the batch's labels) for the tiny preset with `_TEXT` trained under `settings` (fp32 or bf16
+    autocast, one video per sample, every text token used).
 
-    The second step is measured so that AdamW's states exist, as in every step of a run but the
-    first. The step is the Trainer's: forward with labels, backward, fused AdamW, zero_grad(None).
+    Labelled: every text token after a 5-token prompt and the video, or with `answer_tokens` only
+    the last that many. The second step is measured so that AdamW's states exist, as in every step
+    of a run but the first. The step is the Trainer's: forward with labels, backward, fused AdamW,
+    zero_grad(None).
     """
     model, _ = build_preset("tiny", text_config=_TEXT)
     if settings.precision == "bf16":
@@ -112,7 +115,7 @@ def measure_step(settings: MemorySettings) -> tuple[int, int]:
     ids = torch.randint(10, 200, (b, length), generator=generator)
     ids[:, 5 : 5 + media] = config.video_token_id
     labels = ids.clone()
-    labels[:, : 5 + media] = -100
+    labels[:, : 5 + media if answer_tokens is None else length - answer_tokens] = -100
     batch = {
         "input_ids": ids,
         "labels": labels,
@@ -136,12 +139,34 @@ def measure_step(settings: MemorySettings) -> tuple[int, int]:
     with LiveTensorBytes(existing) as tracker:
         before = tracker.current
         step()
-    return tracker.peak, before - sum(t.untyped_storage().nbytes() for t in batch.values())
+    return tracker.peak, before - sum(t.untyped_storage().nbytes() for t in batch.values()), labels
+
+
+def labelled_per_sample(labels: torch.Tensor) -> int:
+    """Positions per sample that take a loss, counted from the labels: position t is scored against
+    label t + 1, so a label counts unless it is -100 or the first (every sample has the same count)."""
+    counts = (labels[:, 1:] != -100).sum(dim=1).tolist()
+    assert len(set(counts)) == 1, counts
+    return counts[0]
 
 
 def _tiny_shape():
     model, _ = build_preset("tiny", device="meta", text_config=_TEXT)
     return read_model_shape(model)
+
+
+@functools.cache
+def measured(settings: MemorySettings, answer_tokens: int | None = None) -> tuple[int, int, int]:
+    """`measure_step` once per arguments: (peak, bytes before, labelled positions per sample counted
+    from the batch's labels)."""
+    peak, before, labels = measure_step(settings, answer_tokens)
+    return peak, before, labelled_per_sample(labels)
+
+
+def _tiny_settings(**changes) -> MemorySettings:
+    """The measured runs: LoRA r 8 with dropout, on the CPU (its dropout keeps a noise tensor where
+    CUDA keeps a 1-byte mask: ``device="cpu"`` says so)."""
+    return MemorySettings(**{"lora_r": 8, "device": "cpu", "per_device_train_batch_size": 2, **changes})
 
 
 @pytest.mark.parametrize(
@@ -158,43 +183,73 @@ def _tiny_shape():
 def test_prediction_matches_the_measured_peak_of_a_training_step(
     precision, checkpointing, batch, text_tokens
 ):
-    """Measured within 2 % on this model (activations dominate: dropped, the prediction would miss
-    by over 60 %); 10 % leaves room for op-level changes in torch/transformers/peft. The CPU's
-    dropout keeps a noise tensor where CUDA keeps a 1-byte mask: ``device="cpu"`` says so."""
-    settings = MemorySettings(
-        lora_r=8,
+    """Within 10 % with the batch's own labelled count (dropping the activation terms would miss
+    it); 10 % leaves room for op-level changes in torch/transformers/peft."""
+    settings = _tiny_settings(
         precision=precision,
         per_device_train_batch_size=batch,
         model_max_length=text_tokens,
         gradient_checkpointing=checkpointing,
-        device="cpu",
     )
-    predicted = estimate(_tiny_shape(), settings)
-    measured, before = measure_step(settings)
+    peak, before, labelled = measured(settings)
+    assert labelled == text_tokens - 6  # after the 5-token prompt and the video; the last scores nothing
+    predicted = estimate(_tiny_shape(), replace(settings, labelled_tokens=labelled))
     # Before the step: weights, trainables and AdamW states (autocast's copies come in the forward).
     autocast_copies = predicted.trainable // 3 if precision == "bf16" else 0
     assert predicted.weights + predicted.trainable - autocast_copies + predicted.optimizer == pytest.approx(
         before, rel=0.02
     )
-    assert predicted.tensors == pytest.approx(measured, rel=0.10), (predicted, measured / MIB)
-    # The test can tell: without the activation terms the prediction would be far off.
+    assert predicted.tensors == pytest.approx(peak, rel=0.10), (predicted, peak / MIB)
+    # The test can tell: without the activation terms the prediction would miss the 10 %.
     activation_terms = predicted.activations + max(predicted.logits, predicted.layer_backward)
-    assert predicted.tensors - activation_terms < 0.5 * measured
+    assert predicted.tensors - activation_terms < 0.9 * peak
+
+
+def test_the_labelled_count_changes_the_measured_peak_as_predicted():
+    """The same batch with every answer token labelled, and with only the last 100: the loss runs on
+    the labelled positions only, so the peak (at the start of backward: three fp32 [N, vocab]
+    tensors) drops by 3 x 4 B x vocab per unlabelled position, counted by hand."""
+    settings = _tiny_settings(precision="fp32", model_max_length=200)
+    shape = _tiny_shape()
+    full, _, labelled_full = measured(settings)
+    fewer, _, labelled_fewer = measured(settings, answer_tokens=100)
+    assert (labelled_full, labelled_fewer) == (194, 100)
+    by_hand = 2 * (194 - 100) * 3 * 4 * 2048  # batch 2, vocab 2048
+    assert full - fewer == pytest.approx(by_hand, rel=0.10)
+    predicted = [estimate(shape, replace(settings, labelled_tokens=n)) for n in (194, 100)]
+    assert predicted[0].logits - predicted[1].logits == by_hand
+    assert predicted[0].tensors - predicted[1].tensors == by_hand  # the loss is the peak in both
+    assert predicted[1].tensors == pytest.approx(fewer, rel=0.10)
+    # Charged for every position instead (the full [B, L, vocab] logits), it would miss the 10 %.
+    tokens = 2 * predicted[0].sequence_length
+    assert predicted[1].tensors + (tokens - 2 * 100) * 3 * 4 * 2048 > 1.10 * fewer
+
+
+def test_the_default_labels_every_text_token():
+    """Without a count, every text token of the sample takes a loss (the media never do): the upper
+    bound; a count above it cannot be."""
+    shape = _tiny_shape()
+    e = estimate(shape, _tiny_settings(model_max_length=200))
+    assert (e.sequence_length, e.media_tokens, e.labelled_tokens) == (199 + 136, 136, 199)
+    assert e.logits == 2 * 335 * 128 * 4 + 2 * 199 * 2048 * 12  # final norm's fp32 input + the loss
+    # The LLM trained in full: the head trains, so it also saves its gathered fp32 input [N, hidden].
+    full = estimate(shape, _tiny_settings(model_max_length=200, lora_enable=False, precision="fp32"))
+    assert full.logits == e.logits + 2 * 199 * 128 * 4
+    with pytest.raises(ValueError, match="--labelled_tokens 200: a sample has only 199 text tokens"):
+        estimate(shape, _tiny_settings(model_max_length=200, labelled_tokens=200))
+    with pytest.raises(ValueError, match="--labelled_tokens -1"):
+        estimate(shape, _tiny_settings(labelled_tokens=-1))
 
 
 @pytest.mark.slow
 def test_the_batch_changes_the_measured_peak_as_predicted():
     """The difference between two batch sizes (weights cancel out) follows the prediction too."""
     shape = _tiny_shape()
-    base = MemorySettings(
-        lora_r=8, precision="fp32", model_max_length=400, device="cpu", per_device_train_batch_size=2
-    )
-    variant = MemorySettings(
-        lora_r=8, precision="fp32", model_max_length=400, device="cpu", per_device_train_batch_size=1
-    )
-    measured = measure_step(base)[0] - measure_step(variant)[0]
-    predicted = estimate(shape, base).tensors - estimate(shape, variant).tensors
-    assert predicted == pytest.approx(measured, rel=0.10)
+    base = _tiny_settings(precision="fp32", model_max_length=400)
+    variant = replace(base, per_device_train_batch_size=1)
+    (peak_base, _, labelled), (peak_variant, _, _) = measured(base), measured(variant)
+    predicted = [estimate(shape, replace(s, labelled_tokens=labelled)).tensors for s in (base, variant)]
+    assert predicted[0] - predicted[1] == pytest.approx(peak_base - peak_variant, rel=0.10)
 
 
 # ---- videollava-7b, the seed's settings ----------------------------------------------------------
@@ -231,7 +286,10 @@ def test_7b_seed_settings_on_one_gpu_hand_checked(shape_7b):
     assert e.sequence_length == 2047 + 8 * 257 and e.media_tokens == 2056
     tokens = 4103
     assert e.activations == 32 * tokens * 4096 * 2 + 2056 * (1024 + 4096 + 4096) * 2
-    assert e.logits == tokens * (32003 * 12 + 4096 * 4)
+    # The final norm's fp32 input at every position; the loss's three fp32 [N, vocab] tensors at the
+    # labelled positions only: by default every text token (2047; the video's 2056 take no loss).
+    assert e.labelled_tokens == 2047
+    assert e.logits == tokens * 4096 * 4 + 2047 * 32003 * 12 == 853_345_244
     assert e.cuda_overhead == GIB
     # The whole breakdown, pinned (GB = 2**30 bytes).
     assert e.breakdown_gb() == {
@@ -242,11 +300,17 @@ def test_7b_seed_settings_on_one_gpu_hand_checked(shape_7b):
         "optimizer": 2.54,
         "activations": 1.04,
         "layer_backward": 1.15,
-        "logits": 1.53,
+        "logits": 0.79,
         "towers": 0.16,
         "cuda_overhead": 1.0,
     }
-    assert round(e.total / GIB, 2) == 23.15
+    # One layer's backward (1.15) now outweighs the loss (0.79) at the peak.
+    assert e.total == e.persistent + e.activations + e.layer_backward + GIB
+    assert round(e.total / GIB, 2) == 22.77
+    # Answers of ~100 tokens: the loss shrinks, the peak stays (the layer backward decides it).
+    short = estimate(shape_7b, replace(SEED, labelled_tokens=100))
+    assert short.logits == tokens * 4096 * 4 + 100 * 32003 * 12
+    assert short.total == e.total
 
 
 def test_7b_zero3_on_8_gpus_partitions_weights_and_states(shape_7b):
@@ -257,6 +321,7 @@ def test_7b_zero3_on_8_gpus_partitions_weights_and_states(shape_7b):
         False,
         1e9,
     )
+    assert (zero.param_persistence_threshold, zero.prefetch_bucket_size) == (1e6, 2.5e8)
     s = MemorySettings(**{**SEED.__dict__, "num_gpus": 8, "zero": zero})
     e = estimate(shape_7b, s)
     trainable = N_LORA_128 + PROJECTOR
@@ -264,11 +329,11 @@ def test_7b_zero3_on_8_gpus_partitions_weights_and_states(shape_7b):
     assert e.optimizer == shard * 12
     assert e.trainable == shard * 2
     assert e.gradients == shard * (2 + 4) + 4096**2 * 2  # + one reduce bucket (auto: hidden**2)
-    persistent = sum(n for n in shape_7b.param_sizes if n < 10 * 4096)
+    persistent = sum(n for n in shape_7b.param_sizes if n < 1e6)  # the config's threshold
     assert e.weights == (((shape_7b.base_params - PROJECTOR) * 2 - persistent * 2) // 8) + persistent * 2
     decoder_layer = 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096
     assert shape_7b.largest_block == decoder_layer
-    assert e.gathered_weights == int((decoder_layer + 0.9 * 4096**2) * 2)
+    assert e.gathered_weights == (decoder_layer + 250_000_000) * 2  # + the config's prefetch bucket
     assert e.total < estimate(shape_7b, SEED).total
 
 
@@ -379,9 +444,14 @@ def test_plan_command_json(capsys):
     assert cli_main(["plan", *flags, "--gpu_memory", "80", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"settings", "breakdown", "total_gb", "gpu_memory_gb", "fits", "suggestions"}
-    assert out["total_gb"] == 23.15 and out["fits"] is True and out["suggestions"] == []
+    assert out["total_gb"] == 22.77 and out["fits"] is True and out["suggestions"] == []
     assert out["settings"]["lora_r"] == 128 and out["settings"]["sequence_length"] == 4103
     assert out["breakdown"]["weights"] == 13.87
+    assert out["settings"]["labelled_tokens"] == 2047 and out["settings"]["labelled_tokens_upper_bound"]
+    assert cli_main(["plan", *flags, "--labelled_tokens", "100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["labelled_tokens"] == 100 and not out["settings"]["labelled_tokens_upper_bound"]
+    assert out["breakdown"]["logits"] == round((4103 * 4096 * 4 + 100 * 32003 * 12) / GIB, 2) == 0.1
 
 
 def test_plan_command_table_for_tiny_and_errors(capsys):
@@ -389,6 +459,11 @@ def test_plan_command_table_for_tiny_and_errors(capsys):
     out = capsys.readouterr().out
     assert out.startswith("tiny: LLM trained in full, fp32") and "| **peak per GPU** |" in out
     assert "does NOT fit" in out  # 1 GB: the CUDA overhead alone takes it
+    assert "2047 of them labelled (every text token: an upper bound, --labelled_tokens N to set)" in out
+    assert cli_main(["plan", "--labelled_tokens", "2048"]) == 2
+    assert "--labelled_tokens 2048: a sample has only 2047 text tokens" in capsys.readouterr().err
+    assert cli_main(["plan", "--labelled_tokens", "-1"]) == 2
+    assert "--labelled_tokens -1: must be at least 0" in capsys.readouterr().err
     assert cli_main(["plan", "--lora_r", "8", "--no_such_flag", "1", "--num_gpus", "0"]) == 2
     err = capsys.readouterr().err
     assert "unknown argument '--no_such_flag'" in err and "--num_gpus 0" in err

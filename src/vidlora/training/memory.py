@@ -122,6 +122,9 @@ class MemorySettings:
             global batch is their product. Accumulation does not change the peak.
         model_max_length: text tokens per sample (each media placeholder counts once).
         tokenizer_model_max_length: bound after media expansion (None: none).
+        labelled_tokens: positions per sample that take a loss (None: every text token, the sequence
+            length minus its media tokens, an upper bound). The output head and the loss run on
+            these positions only; media, system prompt and questions carry no label.
         modality: the media of the largest sample: "video", "image" or "text".
         num_frames: frames per video (None: the video tower's).
         gradient_checkpointing: recompute each LLM layer in backward.
@@ -143,6 +146,7 @@ class MemorySettings:
     num_gpus: int = 1
     model_max_length: int = 2048
     tokenizer_model_max_length: int | None = None
+    labelled_tokens: int | None = None
     modality: Modality = "video"
     num_frames: int | None = None
     gradient_checkpointing: bool = False
@@ -178,6 +182,8 @@ class MemorySettings:
         ):
             if getattr(self, name) < 1:
                 found.append(f"--{name} {getattr(self, name)}: must be at least 1.")
+        if self.labelled_tokens is not None and self.labelled_tokens < 0:
+            found.append(f"--labelled_tokens {self.labelled_tokens}: must be at least 0.")
         if self.modality not in MODALITIES:
             found.append(f"--modality {self.modality}: use one of {', '.join(MODALITIES)}.")
         return found
@@ -306,14 +312,16 @@ class MemoryEstimate:
             gradient checkpointing each layer's input; plus the projector's.
         layer_backward: the backward of one layer: its recomputed saved set (with checkpointing)
             and the activation gradients alive inside it (d (2 f + 2 h) per token).
-        logits: the loss over [L, vocab] in fp32 (log-probabilities and their gradients); the loss
-            backward finishes before the first layer's backward starts, so the peak takes the
-            larger of the two.
+        logits: the loss: the final norm's fp32 input at every position, and at the labelled
+            positions only (the output head runs there alone) [N, vocab] in fp32 (log-probabilities
+            and their gradients); the loss backward finishes before the first layer's backward
+            starts, so the peak takes the larger of the two.
         towers: the frozen towers' transient forward peak (no autograd); it ends before the LLM
             forward, so the peak takes the larger of it and the LLM's activations.
         cuda_overhead: `CUDA_OVERHEAD_BYTES`.
         sequence_length: tokens per sample after media expansion.
         media_tokens: feature tokens of the sample's media.
+        labelled_tokens: positions per sample that take a loss (N is the batch's sum).
     """
 
     weights: int
@@ -328,6 +336,7 @@ class MemoryEstimate:
     cuda_overhead: int
     sequence_length: int
     media_tokens: int
+    labelled_tokens: int
 
     @property
     def persistent(self) -> int:
@@ -408,6 +417,21 @@ def sequence_length(shape: ModelShape, s: MemorySettings) -> tuple[int, int]:
     return length, media
 
 
+def labelled_tokens(shape: ModelShape, s: MemorySettings) -> int:
+    """Positions per sample that take a loss: ``s.labelled_tokens``, or every text token of the
+    sample (its length minus the media tokens, which never carry a label): an upper bound."""
+    length, media = sequence_length(shape, s)
+    text = max(length - media, 0)
+    if s.labelled_tokens is None:
+        return text
+    if s.labelled_tokens > text:
+        raise UsageError(
+            f"--labelled_tokens {s.labelled_tokens}: a sample has only {text} text tokens "
+            f"({length} tokens, {media} of them {s.modality} features, which take no loss)"
+        )
+    return s.labelled_tokens
+
+
 def _layer_bytes_per_token(shape: ModelShape, s: MemorySettings) -> int:
     """Bytes one LLaMA-style decoder layer saves for backward, per token (sdpa: no L x L matrix).
 
@@ -456,8 +480,11 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
 
     Activations peak at the start of backward: without checkpointing every layer's saved set plus
     the loss; with it each layer's input (d h per token) plus the larger of the loss and one
-    recomputed layer. The loss holds three fp32 [L, vocab] tensors (log-probabilities and the
-    gradients in and out of log_softmax). Accumulation does not change the peak.
+    recomputed layer. The model applies its output head at the N labelled positions only (a boolean
+    ``logits_to_keep``), so the loss holds three fp32 [N, vocab] tensors at the start of backward
+    (log_softmax's saved log-probabilities and the gradients in and out of it; the [N, vocab]
+    logits in the compute dtype and their fp32 copy are freed by then), plus the final norm's fp32
+    input at every position. Accumulation does not change the peak.
     """
     problems = s.problems()
     if problems:
@@ -467,6 +494,8 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
     d = s.dtype_bytes
     tokens_per_sample, media = sequence_length(shape, s)
     tokens = s.per_device_train_batch_size * tokens_per_sample
+    labelled_per_sample = labelled_tokens(shape, s)
+    labelled = s.per_device_train_batch_size * labelled_per_sample
     trainable = _trainable_count(shape, s)
 
     weights = _weights_bytes(shape, s)
@@ -506,8 +535,10 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
     saved = shape.layers * (ckpt_inputs if s.gradient_checkpointing else layer) + projector
     gradients_inside = tokens * d * 2 * (shape.intermediate + shape.hidden)
     layer_backward = (layer if s.gradient_checkpointing else 0) + gradients_inside
-    # The final norm's fp32 input and three fp32 [tokens, vocab] tensors.
-    logits = tokens * (shape.vocab * 12 + shape.hidden * 4)
+    # The final norm's fp32 input at every position; three fp32 [labelled, vocab] tensors; a trained
+    # head (the LLM in full) also saves its gathered input [labelled, hidden].
+    head_input = labelled * shape.hidden * d if s.train_llm and not s.lora_enable else 0
+    logits = tokens * shape.hidden * 4 + labelled * shape.vocab * 12 + head_input
 
     towers = 0
     if media:
@@ -540,6 +571,7 @@ def estimate(shape: ModelShape, s: MemorySettings) -> MemoryEstimate:
         cuda_overhead=CUDA_OVERHEAD_BYTES,
         sequence_length=tokens_per_sample,
         media_tokens=media,
+        labelled_tokens=labelled_per_sample,
     )
 
 
