@@ -23,8 +23,9 @@ IGNORE_INDEX = -100
 PEAK_BF16_TFLOPS: Mapping[str, float] = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 FLOPS_FORMULA = (
-    "per trained token: forward 2N + A, activation backward 2N + 2A (frozen base: no weight "
-    "gradients), LoRA 6·N_lora; towers forward only, 2·N_tower per tower token; "
+    "per token: forward 2N + A, activation backward 2N + 2A (frozen base: no weight "
+    "gradients), LoRA 6·N_lora; towers forward only, 2·N_tower per tower token; projector "
+    "(trained fully) 6·N_proj per feature token; "
     "N = LLM parameters without the input embedding, A = 4·layers·hidden·L (QKᵀ and AV, 2 FLOPs "
     "per multiply-add, L = the row's length); gradient checkpointing's recomputed forward "
     "(2N + A) is counted apart and not as useful work; MFU = useful FLOPs / (time · peak)"
@@ -70,6 +71,8 @@ class BatchCounts:
     tokens: int  # non-pad tokens (media features included: ids are expanded)
     trained_tokens: int  # labels != IGNORE_INDEX
     row_lengths: tuple[int, ...]
+    videos: int = 0
+    images: int = 0
 
     @classmethod
     def of(cls, batch: Mapping[str, Any]) -> BatchCounts:
@@ -77,36 +80,19 @@ class BatchCounts:
         lengths = tuple(int(n) for n in mask.sum(dim=1).tolist())
         labels = batch.get("labels")
         trained = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
-        return cls(int(mask.shape[0]), int(mask.numel()), sum(lengths), trained, lengths)
+        videos, images = (batch.get(k) for k in ("pixel_values_videos", "pixel_values_images"))
+        return cls(
+            int(mask.shape[0]),
+            int(mask.numel()),
+            sum(lengths),
+            trained,
+            lengths,
+            0 if videos is None else int(videos.shape[0]),
+            0 if images is None else int(images.shape[0]),
+        )
 
 
 # -- FLOPs --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FlopsModel:
-    """The sizes the FLOPs estimate needs (see :data:`FLOPS_FORMULA`)."""
-
-    llm_params: int  # N: LLM parameters without the input embedding
-    lora_params: int
-    layers: int
-    hidden: int
-    tower_params: int = 0  # parameters of the tower(s) the counted tower tokens went through
-
-    def training_flops(
-        self, row_lengths: Sequence[int], *, tower_tokens: int = 0, checkpointing: bool = False
-    ) -> tuple[float, float]:
-        """``(useful, recomputed)`` FLOPs of one forward + backward over rows of these lengths."""
-        return training_flops(
-            self.llm_params,
-            self.lora_params,
-            self.layers,
-            self.hidden,
-            row_lengths,
-            tower_params=self.tower_params,
-            tower_tokens=tower_tokens,
-            checkpointing=checkpointing,
-        )
 
 
 def training_flops(
@@ -116,20 +102,25 @@ def training_flops(
     hidden: int,
     row_lengths: Sequence[int],
     *,
-    tower_params: int = 0,
-    tower_tokens: int = 0,
+    media_flops: float = 0.0,
     checkpointing: bool = False,
 ) -> tuple[float, float]:
     """``(useful, recomputed)`` FLOPs of one LoRA training step over rows of ``row_lengths`` tokens.
 
-    useful = Σ_rows L·(4N + 6·N_lora) + 3·A_row·L + 2·N_tower·tower_tokens, with A_row = 4·layers·hidden·L;
-    recomputed (gradient checkpointing) = Σ_rows L·2N + A_row·L.
+    useful = Σ_rows [L·(4N + 6·N_lora) + 3·A_row·L] + media, with A_row = 4·layers·hidden·L;
+    recomputed (gradient checkpointing) = Σ_rows [L·2N + A_row·L]. ``media_flops``: see :func:`media_flops`.
     """
     tokens = sum(row_lengths)
     attention = sum(4 * layers * hidden * length * length for length in row_lengths)  # Σ A·L
-    useful = (4 * llm_params + 6 * lora_params) * tokens + 3 * attention + 2 * tower_params * tower_tokens
+    useful = (4 * llm_params + 6 * lora_params) * tokens + 3 * attention + media_flops
     recomputed = 2 * llm_params * tokens + attention if checkpointing else 0
     return float(useful), float(recomputed)
+
+
+def media_flops(tower_params: int, tower_tokens: int, projector_params: int, feature_tokens: int) -> float:
+    """Towers forward only (2 FLOPs per parameter per tower token), the fully trained projector
+    forward + backward with weight gradients (6 per parameter per feature token)."""
+    return float(2 * tower_params * tower_tokens + 6 * projector_params * feature_tokens)
 
 
 def mfu(useful_flops: float, seconds: float, peak_flops: float) -> float:
