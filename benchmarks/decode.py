@@ -223,15 +223,22 @@ def table(rows: list[dict[str, object]], repeats: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(results: Path, body: str) -> None:
-    section = f"{BEGIN}\n## Decode (`python benchmarks/decode.py`)\n\n{body}\n{END}"
+def replace_section(results: Path, begin: str, end: str, section: str) -> None:
+    """Put ``section`` (markers included) between ``begin`` and ``end`` in ``results``, or append it;
+    the rest of the file is kept."""
     text = results.read_text() if results.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     results.write_text(text)
+
+
+def write_section(results: Path, body: str) -> None:
+    replace_section(
+        results, BEGIN, END, f"{BEGIN}\n## Decode (`python benchmarks/decode.py`)\n\n{body}\n{END}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
