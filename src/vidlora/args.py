@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -40,6 +41,8 @@ from vidlora.model.configuration import DEFAULT_SELECT_LAYER
 SUPPORTED_MODALITIES = tuple(m.capitalize() for m in MEDIA_MODALITIES)
 ASPECT_RATIOS = tuple(ASPECT_MODES)
 LORA_BIASES = ("none", "all", "lora_only")
+#: Training reads (decodes) samples in this many DataLoader worker processes by default.
+DEFAULT_DATALOADER_WORKERS = min(4, os.cpu_count() or 1)
 QUANT_BITS = (4, 8, 16)
 
 
@@ -173,6 +176,18 @@ class TrainingArguments(transformers.TrainingArguments):
     stop_on_nonfinite: bool = field(
         default=True, metadata={"help": "Stop with a clear message on a NaN/inf loss or gradient."}
     )
+    # The Trainer's defaults (0 workers, workers restarted every epoch) decode every video inside
+    # the training step; measured with `vidlora bench` (benchmarks/RESULTS.md, "DataLoader workers").
+    dataloader_num_workers: int = field(
+        default=DEFAULT_DATALOADER_WORKERS,
+        metadata={
+            "help": "DataLoader worker processes (default: min(4, CPU count)); 0 reads in the main process."
+        },
+    )
+    dataloader_persistent_workers: bool = field(
+        default=True,
+        metadata={"help": "Keep the workers between epochs (no effect, and off, with 0 workers)."},
+    )
 
     def __post_init__(self) -> None:
         # Old spellings the original uses; transformers 5 dropped them.
@@ -184,6 +199,9 @@ class TrainingArguments(transformers.TrainingArguments):
         # name; it is the original's interface here, so it is translated without a warning.
         if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
             self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
+        if self.dataloader_num_workers == 0:
+            # Persistence means nothing without workers, and torch refuses it there.
+            self.dataloader_persistent_workers = False
         super().__post_init__()
 
 
