@@ -141,7 +141,10 @@ def _bench(tmp_path, capsys, *extra: str) -> dict:
 
 
 def test_bench_json_reports_every_field_and_ratio(tmp_path, capsys):
-    report = _bench(tmp_path, capsys, "--isolate", "False", "--modalities", "mixed")
+    # 0 workers: forking DataLoader workers would cost more than these two steps.
+    report = _bench(
+        tmp_path, capsys, "--isolate", "False", "--modalities", "mixed", "--dataloader_num_workers", "0"
+    )
     _check_report(report, ["mixed"])
     assert report["settings"]["steps"] == 2 and "N = LLM parameters" in report["flops_formula"]
 
