@@ -2,7 +2,8 @@
 
 Usage: ``python benchmarks/decode.py [--out DIR] [--repeats N] [--results PATH] [--no-write]``
 
-Generates deterministic h264 clips with PyAV (25 fps, libx264 preset veryfast, B-frames on):
+Generates deterministic h264 clips (``vidlora.data.synthetic.write_texture_clip``: 25 fps, libx264
+preset veryfast, B-frames on):
 60 s 1280×720 with libx264's default keyframe interval (250 frames = 10 s) and with a 2 s
 interval (50 frames, typical of phones and streaming sites), and 10 s 398×224 (the size
 Video-LLaVA's short-side resize works at). Then times, per clip:
@@ -40,6 +41,8 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from vidlora.data.media import read_video, sample_indices
+from vidlora.data.synthetic import read_frame_index as read_index
+from vidlora.data.synthetic import write_texture_clip
 
 BEGIN, END = "<!-- decode:begin -->", "<!-- decode:end -->"
 FPS = 25
@@ -62,53 +65,8 @@ CLIPS = (
 )
 
 
-def make_yuv(index: int, height: int, width: int) -> np.ndarray:
-    """Deterministic moving content as a yuv420p frame ([H·3/2, W]), frame index in 2×8 luma blocks at the top.
-
-    Written in YUV directly so generating a 60 s 720p clip is not dominated by colour conversion.
-    """
-    yy, xx = np.ogrid[0:height, 0:width]
-    luma = ((xx + 3 * index) % 256 // 2 + ((xx // 16 + yy // 16 + index // 5) % 2) * 100).astype(np.uint8)
-    block_h, block_w = height // 8, width // 8
-    for bit in range(16):
-        row, col = divmod(bit, 8)
-        value = 255 if (index >> bit) & 1 else 0
-        luma[row * block_h : (row + 1) * block_h, col * block_w : (col + 1) * block_w] = value
-    cy, cx = np.ogrid[0 : height // 2, 0 : width // 2]
-    u = ((cy + 2 * index) % 128 + 64).astype(np.uint8) * np.ones((1, width // 2), np.uint8)
-    v = ((cx + index) % 128 + 64).astype(np.uint8) * np.ones((height // 2, 1), np.uint8)
-    # Neutral chroma under the index blocks keeps them pure black/white in RGB.
-    u[:block_h, :] = 128
-    v[:block_h, :] = 128
-    return np.concatenate([luma, u.reshape(height // 4, width), v.reshape(height // 4, width)])
-
-
-def read_index(frame: np.ndarray) -> int:
-    height, width = frame.shape[:2]
-    block_h, block_w = height // 8, width // 8
-    value = 0
-    for bit in range(16):
-        row, col = divmod(bit, 8)
-        block = frame[
-            row * block_h + block_h // 4 : (row + 1) * block_h - block_h // 4,
-            col * block_w + block_w // 4 : (col + 1) * block_w - block_w // 4,
-        ]
-        value |= int(block.mean() > 127) << bit
-    return value
-
-
 def encode_clip(clip: Clip, path: Path) -> None:
-    # preset veryfast keeps B-frames (3, pyramid) like typical files and encodes ~2× faster than medium.
-    options = {"preset": "veryfast"} | ({"g": str(clip.gop)} if clip.gop else {})
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=FPS, options=options)
-        stream.width, stream.height, stream.pix_fmt = clip.width, clip.height, "yuv420p"
-        for index in range(clip.seconds * FPS):
-            frame = av.VideoFrame.from_ndarray(make_yuv(index, clip.height, clip.width), format="yuv420p")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_texture_clip(path, clip.seconds, clip.width, clip.height, fps=FPS, gop=clip.gop)
 
 
 def frame_table_only(path: Path) -> int:
@@ -265,15 +223,22 @@ def table(rows: list[dict[str, object]], repeats: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(results: Path, body: str) -> None:
-    section = f"{BEGIN}\n## Decode (`python benchmarks/decode.py`)\n\n{body}\n{END}"
+def replace_section(results: Path, begin: str, end: str, section: str) -> None:
+    """Put ``section`` (markers included) between ``begin`` and ``end`` in ``results``, or append it;
+    the rest of the file is kept."""
     text = results.read_text() if results.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     results.write_text(text)
+
+
+def write_section(results: Path, body: str) -> None:
+    replace_section(
+        results, BEGIN, END, f"{BEGIN}\n## Decode (`python benchmarks/decode.py`)\n\n{body}\n{END}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,8 @@ from vidlora.model.configuration import (
 SUPPORTED_MODALITIES = tuple(m.capitalize() for m in MEDIA_MODALITIES)
 ASPECT_RATIOS = tuple(ASPECT_MODES)
 LORA_BIASES = ("none", "all", "lora_only")
+#: Training reads (decodes) samples in this many DataLoader worker processes by default.
+DEFAULT_DATALOADER_WORKERS = min(4, os.cpu_count() or 1)
 QUANT_BITS = (4, 8, 16)
 
 
@@ -200,6 +203,18 @@ class TrainingArguments(transformers.TrainingArguments):
             "a gradient every step, as all towers run; True only for a model that skips some."
         },
     )
+    # The Trainer's defaults (0 workers, workers restarted every epoch) decode every video inside
+    # the training step; measured with `vidlora bench` (benchmarks/RESULTS.md, "DataLoader workers").
+    dataloader_num_workers: int = field(
+        default=DEFAULT_DATALOADER_WORKERS,
+        metadata={
+            "help": "DataLoader worker processes (default: min(4, CPU count)); 0 reads in the main process."
+        },
+    )
+    dataloader_persistent_workers: bool = field(
+        default=True,
+        metadata={"help": "Keep the workers between epochs (no effect, and off, with 0 workers)."},
+    )
 
     def __post_init__(self) -> None:
         # Old spellings the original uses; transformers 5 dropped them.
@@ -212,6 +227,9 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
             self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         stage = _zero_stage(self.deepspeed)
+        if self.dataloader_num_workers == 0:
+            # Persistence means nothing without workers, and torch refuses it there.
+            self.dataloader_persistent_workers = False
         super().__post_init__()
         if self.activation_checkpointing:
             kwargs = checkpointing_kwargs(

@@ -39,6 +39,7 @@ def _flags(data: Path, out: Path, cache: Path, model: tuple[str, ...]) -> list[s
         "--output_dir", str(out), "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2",
         "--tf32", "False", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True",
         "--gradient_checkpointing", "True", "--group_by_modality_length", "True",
+        "--dataloader_num_workers", "0",  # two steps: worker start-up would cost more than it saves
     ]  # fmt: skip
 
 

@@ -204,3 +204,18 @@ def test_deepspeed_without_a_launcher_returns_2_before_loading(original_argv, tm
         in err
     )
     assert "deepspeed --num_gpus N --module vidlora.train" in err
+
+
+def test_dataloader_defaults_read_in_workers_kept_between_epochs(original_argv, tmp_path):
+    import os
+
+    argv = original_argv(tmp_path / "out", dataloader_num_workers=None)
+    _, _, train = parse_train_args(argv, cuda_available=False)
+    assert train.dataloader_num_workers == min(4, os.cpu_count() or 1)
+    assert train.dataloader_persistent_workers is True
+    # torch refuses persistent workers without workers: 0 workers turn persistence off.
+    _, _, train = parse_train_args(original_argv(tmp_path / "out"), cuda_available=False)
+    assert (train.dataloader_num_workers, train.dataloader_persistent_workers) == (0, False)
+    argv = original_argv(tmp_path / "out", dataloader_num_workers="2", dataloader_persistent_workers="False")
+    _, _, train = parse_train_args(argv, cuda_available=False)
+    assert (train.dataloader_num_workers, train.dataloader_persistent_workers) == (2, False)

@@ -468,6 +468,77 @@ def write_video(frames: np.ndarray, path: Path, fps: int, encoder: str = "libx26
         container.mux(stream.encode(None))
 
 
+# --- real-resolution clips (benchmarks) -------------------------------------------------------------
+
+
+def texture_yuv(index: int, height: int, width: int) -> np.ndarray:
+    """Frame ``index`` of a deterministic moving texture as yuv420p (``[H·3/2, W]`` uint8).
+
+    Scrolling ramps and a checkerboard keep h264 busy (a flat scene would compress to nothing and
+    decode unrealistically fast); the frame index is written in 2×8 black/white luma blocks at the
+    top (:func:`read_frame_index`), so a reader can be checked to return the frames it claims.
+    Written in YUV directly so encoding a 60 s 720p clip is not dominated by colour conversion.
+    """
+    yy, xx = np.ogrid[0:height, 0:width]
+    luma = ((xx + 3 * index) % 256 // 2 + ((xx // 16 + yy // 16 + index // 5) % 2) * 100).astype(np.uint8)
+    block_h, block_w = height // 8, width // 8
+    for bit in range(16):
+        row, col = divmod(bit, 8)
+        value = 255 if (index >> bit) & 1 else 0
+        luma[row * block_h : (row + 1) * block_h, col * block_w : (col + 1) * block_w] = value
+    cy, cx = np.ogrid[0 : height // 2, 0 : width // 2]
+    u = ((cy + 2 * index) % 128 + 64).astype(np.uint8) * np.ones((1, width // 2), np.uint8)
+    v = ((cx + index) % 128 + 64).astype(np.uint8) * np.ones((height // 2, 1), np.uint8)
+    # Neutral chroma under the index blocks keeps them pure black/white in RGB.
+    u[:block_h, :] = 128
+    v[:block_h, :] = 128
+    return np.concatenate([luma, u.reshape(height // 4, width), v.reshape(height // 4, width)])
+
+
+def read_frame_index(frame: np.ndarray) -> int:
+    """The frame index :func:`texture_yuv` wrote into an RGB frame ``[H, W, 3]``."""
+    height, width = frame.shape[:2]
+    block_h, block_w = height // 8, width // 8
+    value = 0
+    for bit in range(16):
+        row, col = divmod(bit, 8)
+        block = frame[
+            row * block_h + block_h // 4 : (row + 1) * block_h - block_h // 4,
+            col * block_w + block_w // 4 : (col + 1) * block_w - block_w // 4,
+        ]
+        value |= int(block.mean() > 127) << bit
+    return value
+
+
+def write_texture_clip(
+    path: Path, seconds: float, width: int, height: int, *, fps: int = 25, gop: int | None = None
+) -> None:
+    """Encode :func:`texture_yuv` frames as h264 mp4, like a camera or download would be.
+
+    libx264 preset veryfast keeps B-frames (3, pyramid) like typical files and encodes ~2× faster
+    than medium; ``gop`` None leaves libx264's default keyframe interval (250 frames, plus scene cuts).
+    """
+    options = {"preset": "veryfast"} | ({"g": str(gop)} if gop else {})
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(texture_yuv(index, height, width), format="yuv420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def texture_image(seed: int, height: int, width: int) -> np.ndarray:
+    """A deterministic textured RGB still ``[H, W, 3]`` uint8 (noise over gradients: photo-like JPEG sizes)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), (xx + yy) % 256], -1)
+    noise = rng.integers(-40, 41, size=(height, width, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
 def write_image(frame: np.ndarray, path: Path, image_format: str) -> None:
     """Save an RGB uint8 frame as PNG, or as JPEG (quality 95, no chroma subsampling)."""
     image = Image.fromarray(frame, mode="RGB")

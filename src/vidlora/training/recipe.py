@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
 
@@ -46,8 +47,12 @@ from vidlora.model.loading import LoadedModel
 from vidlora.training.distributed import computed_on_rank_zero
 
 if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
     from vidlora.model.lora import LoraBias
     from vidlora.model.modeling import VideoLlavaForCausalLM
+    from vidlora.training.callbacks import NonFiniteStop
+    from vidlora.training.trainer import VidloraTrainer
 
 
 def load_dtype(train_args: TrainingArguments) -> torch.dtype:
@@ -209,8 +214,17 @@ def run_record(
     return RunRecord(base=base_model(model_args), processor=processor, training=training)
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
-    """Train; returns the Trainer (its state holds the log history)."""
+def build_trainer(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    *,
+    trainer_cls: type[VidloraTrainer] | None = None,
+    extra_callbacks: Sequence[TrainerCallback] = (),
+) -> tuple[VidloraTrainer, NonFiniteStop | None]:
+    """Model, data and the Trainer exactly as `vidlora train` runs them; returns the Trainer and the
+    non-finite watch (None when ``--stop_on_nonfinite False``). ``trainer_cls`` (a subclass) and
+    ``extra_callbacks`` let `vidlora bench` observe the very same loop."""
     from transformers import set_seed
 
     from vidlora.data.collate import MultimodalCollator
@@ -227,16 +241,22 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
         print(trainable_report(model), file=sys.stderr)
     nonfinite = NonFiniteStop() if train_args.stop_on_nonfinite else None
     callbacks = [c for c in (nonfinite, TokenCountLogger(), LossCurveWriter()) if c is not None]
-    trainer = VidloraTrainer(
+    trainer = (trainer_cls or VidloraTrainer)(
         model=model,
         args=train_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=MultimodalCollator(pad_token_id=loaded.tokenizer.pad_token_id),
         processing_class=loaded.tokenizer,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *extra_callbacks],
         record=run_record(model_args, data_args, train_args, processor),
     )
+    return trainer, nonfinite
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+    """Train; returns the Trainer (its state holds the log history)."""
+    trainer, nonfinite = build_trainer(model_args, data_args, train_args)
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     if nonfinite is not None:
         # Before the final save: the broken weights must not overwrite the last good checkpoint.
