@@ -99,7 +99,8 @@ def _check_report(report: dict, mixes: list[str]) -> None:
     assert set(report["mixes"]) == set(mixes)
     for mix in mixes:
         scenarios = report["mixes"][mix]["scenarios"]
-        assert set(scenarios) == ({"train", "loop", "train_random"} if mix == "mixed" else {"train", "loop"})
+        expected = {"train", "loop", "train_cached"} | ({"train_random"} if mix == "mixed" else set())
+        assert set(scenarios) == expected
         for name, result in scenarios.items():
             for key in SCENARIO_FIELDS:
                 assert result[key] >= 0, (mix, name, key)
@@ -111,6 +112,22 @@ def _check_report(report: dict, mixes: list[str]) -> None:
         assert ratios["samples_per_s_train_over_loop"] == pytest.approx(
             train["samples_per_s"] / loop["samples_per_s"]
         )
+        cached = scenarios["train_cached"]
+        assert ratios["samples_per_s_cached_over_train"] == pytest.approx(
+            cached["samples_per_s"] / train["samples_per_s"]
+        )
+        assert ratios["samples_per_s_cached_over_loop"] == pytest.approx(
+            cached["samples_per_s"] / loop["samples_per_s"]
+        )
+        # The cache was filled ahead by `vidlora cache`: every media file of the mix has an entry.
+        fill = report["mixes"][mix]["cache_fill"]
+        assert fill["seconds"] > 0 and fill["report"]["ok"] and fill["report"]["stats"]["corrupt"] == 0
+        assert sum(e["count"] for e in fill["report"]["entries"].values()) == sum(
+            fill["report"]["files"].values()
+        )
+        # The longest sample's sizes, which `vidlora plan` takes to predict the run's peak.
+        sequence = train["sequence"]
+        assert 0 < sequence["max_labelled_tokens"] < sequence["max_text_tokens"] < sequence["max_tokens"]
         padding = train["epoch_padding"]
         assert set(padding) == {"random", "grouped", "grouped_one_step_window"}
         assert all(0 <= value < 1 for value in padding.values())
@@ -165,3 +182,10 @@ def test_bench_refuses_unknown_mixes_and_data(tmp_path, capsys):
     assert cli_main(["bench", "--modalities", "audio", "--data", "nope"]) == 2
     err = capsys.readouterr().err
     assert "--modalities audio" in err and "--data nope" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 7B bench would run")
+def test_bench_measures_the_7b_preset_on_a_gpu_only(capsys):
+    # Random 7B weights on the CPU would take 28 GB and minutes: refused with the reason here.
+    assert cli_main(["bench", "--model_name_or_path", "videollava-7b"]) == 2
+    assert "random weights on a GPU" in capsys.readouterr().err

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from vidlora.data.dataset import SupervisedDataset
 
 MIXES = ("video", "image", "mixed")
-BASELINES = ("decode", "loop", "sampler")
+BASELINES = ("decode", "loop", "sampler", "cache")
 DATA_KINDS = ("synthetic", "realres")
 #: Frames the decode baseline samples when --num_frames is not given (both presets' towers take 8).
 DEFAULT_FRAMES = 8
@@ -87,6 +87,7 @@ class BenchArguments:
     num_frames: int | None = None
     gradient_checkpointing: bool = False
     bf16: bool = False
+    attn_implementation: str = "sdpa"
     dataloader_num_workers: list[int] | None = None
     dataloader_persistent_workers: bool | None = None
     dataloader_prefetch_factor: int | None = None
@@ -111,14 +112,21 @@ class BenchArguments:
         found += [
             f"--baselines {b}: use {', '.join(BASELINES)}" for b in self.baselines if b not in BASELINES
         ]
-        if self.model_name_or_path == "videollava-7b":
+        if _random_preset(self.model_name_or_path) and not torch.cuda.is_available():
             found.append(
-                "--model_name_or_path videollava-7b: the preset has no tokenizer offline, so it cannot "
-                "read training data; give a checkpoint directory with its tokenizer"
+                f"--model_name_or_path {self.model_name_or_path}: the preset is measured with random "
+                "weights on a GPU (on the CPU it would take its full float32 size in memory); none is here"
             )
         if any(w < 0 for w in self.dataloader_num_workers or ()):
             found.append("--dataloader_num_workers must be >= 0")
         return found
+
+
+def _random_preset(name: str) -> bool:
+    """A preset whose weights only exist as a checkpoint (`videollava-7b`): benched with random ones."""
+    from vidlora.model.presets import PRESETS
+
+    return name in PRESETS and not PRESETS[name].tiny_tokenizer
 
 
 def _bool(text: str) -> bool:
@@ -150,6 +158,9 @@ def parse_args(argv: Sequence[str]) -> BenchArguments:
     p.add_argument("--gradient_checkpointing", type=_bool, default=d.gradient_checkpointing)
     p.add_argument("--bf16", type=_bool, default=d.bf16)
     p.add_argument(
+        "--attn_implementation", default=d.attn_implementation, help="sdpa | eager | flash_attention_2"
+    )
+    p.add_argument(
         "--dataloader_num_workers",
         type=int,
         nargs="+",
@@ -159,7 +170,7 @@ def parse_args(argv: Sequence[str]) -> BenchArguments:
     p.add_argument("--dataloader_prefetch_factor", type=int)
     p.add_argument("--dataloader_pin_memory", type=_bool)
     p.add_argument("--modalities", nargs="+", default=d.modalities, help="data mixes: video image mixed")
-    p.add_argument("--baselines", nargs="*", default=d.baselines, help="decode loop sampler (or none)")
+    p.add_argument("--baselines", nargs="*", default=d.baselines, help="decode loop sampler cache (or none)")
     p.add_argument(
         "--isolate",
         type=_bool,
@@ -187,6 +198,7 @@ class BenchData:
     image_folder: str | None
     mixes: dict[str, str]  # mix -> record file
     videos: list[str]  # every distinct video file (the decode baseline's input)
+    frame_cache: str = ""  # the "train_cached" scenarios' cache, filled ahead by `vidlora cache`
 
 
 def _mix_of(record: dict[str, Any]) -> set[str]:
@@ -358,6 +370,7 @@ class Scenario:
     kind: str
     flags: tuple[str, ...] = ()
     epoch_padding: bool = False  # also compute the epoch padding of the mix (once per mix)
+    cached: bool = False  # read every pixel from a frame cache filled before the run
 
 
 def scenarios(args: BenchArguments) -> list[Scenario]:
@@ -375,6 +388,8 @@ def scenarios(args: BenchArguments) -> list[Scenario]:
                 )
         if "loop" in args.baselines:
             out.append(Scenario("loop", mix, "loop"))
+        if "cache" in args.baselines and mix in ("video", "image", "mixed"):
+            out.append(Scenario("train_cached", mix, "train", cached=True))
         if "sampler" in args.baselines and mix == "mixed":
             # Timed on the mixed data only, where modalities (and lengths) differ most; the
             # epoch padding of every mix is computed from its lengths in the "train" scenario.
@@ -403,6 +418,7 @@ def train_flags(args: BenchArguments, data: BenchData, scenario: Scenario, outpu
         "--disable_tqdm", "True",
         "--seed", str(args.seed),
         "--gradient_checkpointing", str(args.gradient_checkpointing),
+        "--attn_implementation", args.attn_implementation,
     ]  # fmt: skip
     for name in ("video_folder", "image_folder"):
         if getattr(data, name):
@@ -414,6 +430,8 @@ def train_flags(args: BenchArguments, data: BenchData, scenario: Scenario, outpu
             flags += [f"--{name}", str(getattr(args, name))]
     if args.dataloader_num_workers is not None and len(args.dataloader_num_workers) == 1:
         flags += ["--dataloader_num_workers", str(args.dataloader_num_workers[0])]
+    if scenario.cached:
+        flags += ["--frame_cache", data.frame_cache]
     return flags + list(scenario.flags)
 
 
@@ -524,6 +542,52 @@ def _bench_trainer_class(recorder: StepRecorder) -> Any:
     return BenchTrainer, StepClock()
 
 
+def random_model(args: BenchArguments) -> Any:
+    """A shape-only preset with random weights initialised on the GPU (seconds for 7B, no host copy)
+    and its stand-in tokenizer: what a step costs does not depend on the weights' values."""
+    from vidlora.model.loading import LoadedModel
+    from vidlora.model.presets import build_random
+    from vidlora.model.report import LoadReport
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, tokenizer = build_random(
+        args.model_name_or_path,
+        device="cuda",
+        dtype=dtype,
+        seed=args.seed,
+        attn_implementation=args.attn_implementation,
+    )
+    report = LoadReport(layout="preset", source=args.model_name_or_path)
+    report.notes.append("random weights on the GPU and a stand-in tokenizer (vidlora bench)")
+    return LoadedModel(model=model, tokenizer=tokenizer, report=report)
+
+
+def fill_frame_cache(args: BenchArguments, data: BenchData, mix: str) -> dict[str, Any]:
+    """Fill the frame cache for one mix with `vidlora cache` on every core, timed (its report)."""
+    report_path = Path(data.frame_cache).parent / f"cache_fill_{mix}.json"
+    command = [
+        sys.executable, "-m", "vidlora", "cache",
+        "--model_name_or_path", args.model_name_or_path,
+        "--data_path", data.mixes[mix],
+        "--frame_cache", data.frame_cache,
+        "--workers", str(os.cpu_count() or 1),
+        "--no_progress", "True",
+        "--report", str(report_path),
+    ]  # fmt: skip
+    for name in ("video_folder", "image_folder"):
+        if getattr(data, name):
+            command += [f"--{name}", str(getattr(data, name))]
+    if args.num_frames is not None:
+        command += ["--num_frames", str(args.num_frames)]
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        raise VidloraError(f"vidlora cache failed for the {mix} mix:\n{done.stdout}{done.stderr}")
+    filled = read_json_object(report_path)
+    return {"seconds": seconds, "report": filled}
+
+
 def run_train(args: BenchArguments, data: BenchData, scenario: Scenario, output_dir: str) -> dict[str, Any]:
     """`vidlora train`'s loop (its Trainer, sampler, collator and DataLoader settings), timed."""
     from vidlora.args import parse_train_args
@@ -536,7 +600,12 @@ def run_train(args: BenchArguments, data: BenchData, scenario: Scenario, output_
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer, _ = build_trainer(
-        model_args, data_args, train_args, trainer_cls=trainer_cls, extra_callbacks=[clock]
+        model_args,
+        data_args,
+        train_args,
+        trainer_cls=trainer_cls,
+        extra_callbacks=[clock],
+        loaded=random_model(args) if _random_preset(args.model_name_or_path) else None,
     )
     trainer.train()
     dataset = cast("SupervisedDataset", trainer.train_dataset)
@@ -558,6 +627,13 @@ def run_train(args: BenchArguments, data: BenchData, scenario: Scenario, output_
         "prefetch_factor": train_args.dataloader_prefetch_factor,
         "pin_memory": train_args.dataloader_pin_memory,
         "frames": frames,
+    }
+    # The longest sample's sizes: what `vidlora plan` needs to predict this run's peak.
+    tokenized = [processor.tokenize(sample, dataset.tokenizer) for sample in dataset.samples]
+    result["sequence"] = {
+        "max_tokens": max(len(t.input_ids) for t in tokenized),
+        "max_text_tokens": max(t.text_length for t in tokenized),
+        "max_labelled_tokens": max(sum(label != -100 for label in t.labels) for t in tokenized),
     }
     if scenario.epoch_padding:
         result["epoch_padding"] = _epoch_padding(
@@ -850,6 +926,13 @@ def compare(mix_results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         rand = mix_results["train_random"]
         ratios["padding_random_over_grouped"] = _ratio(rand["padding_fraction"], train["padding_fraction"])
         ratios["samples_per_s_grouped_over_random"] = _ratio(train["samples_per_s"], rand["samples_per_s"])
+    if "train_cached" in mix_results:
+        cached = mix_results["train_cached"]
+        ratios["samples_per_s_cached_over_train"] = _ratio(cached["samples_per_s"], train["samples_per_s"])
+        if "loop" in mix_results:
+            ratios["samples_per_s_cached_over_loop"] = _ratio(
+                cached["samples_per_s"], mix_results["loop"]["samples_per_s"]
+            )
     padding = train.get("epoch_padding")
     if padding is not None:
         ratios["epoch_padding_random_over_grouped"] = _ratio(padding["random"], padding["grouped"])
@@ -900,8 +983,10 @@ def format_markdown(report: dict[str, Any]) -> str:
                 f"| {_pct(r['padding_fraction'])} | {memory:.2f} GiB | {r['useful_tflops_per_s']:.4f} "
                 f"| {_pct(r.get('mfu'))} |"
             )
-    lines += ["", "| mix | train / loop samples/s | grouped / random samples/s | padding random / grouped (timed) "
-              "| epoch padding random / grouped / grouped, one-step window |", "|---|---:|---:|---:|---|"]  # fmt: skip
+    lines += ["", "| mix | train / loop samples/s | train, frame cache filled / loop | cached / uncached train "
+              "| grouped / random samples/s | padding random / grouped (timed) "
+              "| epoch padding random / grouped / grouped, one-step window |",
+              "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for mix, entry in report["mixes"].items():
         ratios = entry["ratios"]
         pad = next((r["epoch_padding"] for r in entry["scenarios"].values() if "epoch_padding" in r), None)
@@ -912,9 +997,25 @@ def format_markdown(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {mix} | {_times(ratios.get('samples_per_s_train_over_loop'))} "
+            f"| {_times(ratios.get('samples_per_s_cached_over_loop'))} "
+            f"| {_times(ratios.get('samples_per_s_cached_over_train'))} "
             f"| {_times(ratios.get('samples_per_s_grouped_over_random'))} "
             f"| {_times(ratios.get('padding_random_over_grouped'))} | {pads} |"
         )
+    fills = {mix: entry["cache_fill"] for mix, entry in report["mixes"].items() if "cache_fill" in entry}
+    if fills:
+        lines += [
+            "",
+            "Frame cache, filled ahead with `vidlora cache` on every core (untimed in the runs):",
+            "",
+        ]
+        for mix, fill in fills.items():
+            entries = fill["report"]["entries"]
+            sizes = ", ".join(
+                f"{e['count']} {kind} entries of {e['mean_bytes'] / 2**20:.2f} MB"
+                for kind, e in entries.items()
+            )
+            lines.append(f"- {mix}: {fill['seconds']:.1f} s; {sizes or 'no media'}")
     decode = report.get("decode")
     if decode:
         lines += [
@@ -939,6 +1040,7 @@ def bench(args: BenchArguments) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vidlora-bench-") as tmp:
         work = Path(tmp)
         data = prepare_data(args, work)
+        data = BenchData(**{**asdict(data), "frame_cache": str(work / "frame_cache")})
         report: dict[str, Any] = {
             "data": data.description,
             "settings": asdict(args),
@@ -950,6 +1052,8 @@ def bench(args: BenchArguments) -> dict[str, Any]:
             report["decode"] = decode_baseline(data.videos, args.num_frames or DEFAULT_FRAMES)
         todo = scenarios(args)
         for scenario in tqdm(todo, desc="bench", unit="scenario", file=sys.stderr):
+            if scenario.cached:
+                report["mixes"][scenario.mix]["cache_fill"] = fill_frame_cache(args, data, scenario.mix)
             if args.isolate:
                 result = run_isolated(args, data, scenario, work)
             else:

@@ -260,7 +260,12 @@ def standin_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def build_random(
-    name: str, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0
+    name: str,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> tuple[VideoLlavaForCausalLM, PreTrainedTokenizerBase]:
     """Preset `name` with random weights initialised on `device` in `dtype`, and a tokenizer.
 
@@ -273,6 +278,10 @@ def build_random(
     """
     tokenizer = standin_tokenizer(name)
     config = build_config(name, tokenizer=tokenizer)
+    if attn_implementation is not None:
+        from vidlora.model.configuration import set_attn_implementation
+
+        set_attn_implementation(config, attn_implementation)
     with torch.device("meta"):
         model = VideoLlavaForCausalLM(config)
     model.to_empty(device=device)

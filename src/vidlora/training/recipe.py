@@ -190,11 +190,18 @@ def build_datasets(
     return train_set, eval_set
 
 
-def load_model_and_data(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+def load_model_and_data(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    loaded: LoadedModel | None = None,
+):
     """The base model, the run's processor and its datasets: every sample is validated here,
     before quantization, LoRA or the first step. Returns ``(loaded, processor, train_set, eval_set)``.
+    ``loaded`` is a model built elsewhere (`vidlora bench`'s random 7B on a GPU); None loads the flags'.
     """
-    loaded = load_model(model_args, train_args)
+    if loaded is None:
+        loaded = load_model(model_args, train_args)
     # Only the shape-only videollava-7b preset comes without a tokenizer, and it never loads for training.
     assert loaded.tokenizer is not None
     processor = Processor.for_model(loaded.model.config, **processor_options(model_args, data_args))
@@ -221,10 +228,12 @@ def build_trainer(
     *,
     trainer_cls: type[VidloraTrainer] | None = None,
     extra_callbacks: Sequence[TrainerCallback] = (),
+    loaded: LoadedModel | None = None,
 ) -> tuple[VidloraTrainer, NonFiniteStop | None]:
     """Model, data and the Trainer exactly as `vidlora train` runs them; returns the Trainer and the
-    non-finite watch (None when ``--stop_on_nonfinite False``). ``trainer_cls`` (a subclass) and
-    ``extra_callbacks`` let `vidlora bench` observe the very same loop."""
+    non-finite watch (None when ``--stop_on_nonfinite False``). ``trainer_cls`` (a subclass),
+    ``extra_callbacks`` and ``loaded`` (a model built elsewhere) let `vidlora bench` observe the
+    very same loop."""
     from transformers import set_seed
 
     from vidlora.data.collate import MultimodalCollator
@@ -235,7 +244,8 @@ def build_trainer(
     set_seed(train_args.seed)
     # ZeRO-3 builds models inside deepspeed.zero.Init, which needs DeepSpeed's process group first.
     init_deepspeed_distributed(train_args.deepspeed, train_args.ddp_timeout)
-    loaded, processor, train_set, eval_set = load_model_and_data(model_args, data_args, train_args)
+    loaded, processor, train_set, eval_set = load_model_and_data(model_args, data_args, train_args, loaded)
+    assert loaded is not None and loaded.tokenizer is not None  # load_model_and_data checked it
     model = apply_training_recipe(loaded.model, model_args, train_args)
     if train_args.should_log:
         print(trainable_report(model), file=sys.stderr)
