@@ -98,19 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from transformers import TextStreamer
 
-    from vidlora.infer.device import detect_placement
     from vidlora.infer.generate import Generator
-    from vidlora.infer.load import load_for_inference
+    from vidlora.infer.load import load_for_inference_on
 
     args = build_parser().parse_args(argv)
     video, images = split_files(args.file)
-    placement = detect_placement(args.device, args.dtype, purpose="inference")
-    loaded = load_for_inference(
-        args.model_path,
-        args.model_base,
-        cache_dir=args.cache_dir,
-        torch_dtype=placement.dtype,
-        device=str(placement.device),
+    loaded = load_for_inference_on(
+        args.model_path, args.model_base, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir
     )
     print(
         f"vidlora chat: {loaded.description}; template {loaded.processor.template}. Empty line to quit.",

@@ -155,6 +155,24 @@ def load_for_inference(
     )
 
 
+def load_for_inference_on(
+    model_path: str,
+    model_base: str | None = None,
+    *,
+    device: str,
+    dtype: str,
+    cache_dir: str | None = None,
+) -> InferenceModel:
+    """:func:`load_for_inference` placed by the ``--device``/``--dtype`` flags' one rule
+    (:func:`~vidlora.infer.device.detect_placement`): the GPU and bf16 when there is one."""
+    from vidlora.infer.device import detect_placement
+
+    placement = detect_placement(device, dtype, purpose="inference")
+    return load_for_inference(
+        model_path, model_base, cache_dir=cache_dir, torch_dtype=placement.dtype, device=str(placement.device)
+    )
+
+
 def checkpoint_dtype(
     model_path: str, model_base: str | None = None, *, cache_dir: str | None = None
 ) -> torch.dtype | None:

@@ -169,9 +169,8 @@ class PredictOptions:
 def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> Path:
     """Run predictions (see the module docstring); returns the path of the written file."""
     from vidlora.data.frame_cache import FrameCache
-    from vidlora.infer.device import detect_placement
     from vidlora.infer.generate import Generator, Request
-    from vidlora.infer.load import load_for_inference
+    from vidlora.infer.load import load_for_inference_on
 
     env_index, env_count = shard_from_env()
     count = options.num_shards or env_count
@@ -191,13 +190,12 @@ def predict(options: PredictOptions, *, loaded=None, progress: bool = True) -> P
     todo = [job for job in mine if job.key not in done]
     if todo:
         if loaded is None:
-            placement = detect_placement(options.device, options.dtype, purpose="inference")
-            loaded = load_for_inference(
+            loaded = load_for_inference_on(
                 options.model_path,
                 options.model_base,
+                device=options.device,
+                dtype=options.dtype,
                 cache_dir=options.cache_dir,
-                torch_dtype=placement.dtype,
-                device=str(placement.device),
             )
         generator = Generator(
             loaded,
