@@ -9,8 +9,9 @@
 #   DRY_RUN=1 benchmarks/gpu.sh OUT  # on a CPU: the tiny model, 2 steps, the same code paths
 #
 # Runs from the source tree (PYTHONPATH=src) with the machine's own python3 (its torch/CUDA build).
-# Packages that machine lacks can travel as wheels in ./.whl (e.g. av, and deepspeed/bitsandbytes
-# for their smoke runs): they are installed into /tmp/site first. A missing optional package turns
+# Packages that machine lacks can travel as wheels in ./.whl (av; transformers >= 5.24 with its
+# huggingface_hub/tokenizers where the image's are older; deepspeed/bitsandbytes for their smoke
+# runs): they are installed into /tmp/site first. A missing optional package turns
 # its step into a recorded skip, never a failure of the whole run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +22,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
-"$PYTHON" -c "import av, peft, transformers" || {
-    echo "benchmarks/gpu.sh: vidlora needs av, peft and transformers here (carry wheels in .whl)" >&2
+"$PYTHON" -c "import av, peft, transformers; from packaging.version import Version as V; assert V(transformers.__version__) >= V('5.24'), transformers.__version__" || {
+    echo "benchmarks/gpu.sh: vidlora needs av, peft and transformers >= 5.24 here (carry wheels in .whl)" >&2
     exit 2
 }
 ARGS=(--out "$OUT_DIR" --budget "${BUDGET:-450}")
