@@ -36,7 +36,7 @@ from vidlora.data.dataset import (
     read_samples,
     stat_problem,
 )
-from vidlora.data.frame_cache import CacheStats, FrameCache
+from vidlora.data.frame_cache import CacheStats, FrameCache, video_pixels
 from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, MediaError, probe_video, read_image
 from vidlora.data.parallel import map_in_processes
 from vidlora.data.processor import Processor
@@ -87,10 +87,7 @@ def check_media(job: MediaJob) -> MediaResult:
         else:
             try:
                 info = probe_video(path, timeout_s=job.timeout_s)
-                if cache is not None:
-                    cache.load_video(job.processor, path, timeout_s=job.timeout_s)
-                else:
-                    job.processor.load_video(path, timeout_s=job.timeout_s)
+                video_pixels(job.processor, path, cache, timeout_s=job.timeout_s)
                 result.video = asdict(info)  # only videos that decode enter the statistics
             except (MediaError, TimeoutError, ValueError) as exc:
                 failed(path, exc)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vidlora.data.frame_cache import FrameCache
+from vidlora.data.frame_cache import FrameCache, image_pixels, video_pixels
 from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, MediaError
 from vidlora.data.processor import Processor
 from vidlora.data.records import RecordError, Sample, read_records, resolve_media
@@ -439,14 +439,10 @@ class SupervisedDataset(Dataset):
         return item
 
     def _load_video(self, path: Path) -> torch.Tensor:
-        if self.frame_cache is not None:
-            return self.frame_cache.load_video(self.processor, path, timeout_s=self.decode_timeout)
-        return self.processor.load_video(path, timeout_s=self.decode_timeout)
+        return video_pixels(self.processor, path, self.frame_cache, timeout_s=self.decode_timeout)
 
     def _load_image(self, path: Path) -> torch.Tensor:
-        if self.frame_cache is not None:
-            return self.frame_cache.load_image(self.processor, path)
-        return self.processor.load_image(path)
+        return image_pixels(self.processor, path, self.frame_cache)
 
     def _problem(
         self, entry: PreparedSample, kind: ProblemKind, reason: str, file: Path | None

@@ -354,3 +354,21 @@ class FrameCache:
             raise FrameCacheError(
                 f"frame cache entry {entry}: corrupt and cannot be removed ({err})"
             ) from None
+
+
+def video_pixels(
+    processor: Processor,
+    path: str | Path,
+    cache: FrameCache | None,
+    *,
+    timeout_s: float = DEFAULT_DECODE_TIMEOUT,
+) -> torch.Tensor:
+    """:meth:`Processor.load_video`, through ``cache`` when there is one (training, check, predict)."""
+    if cache is None:
+        return processor.load_video(path, timeout_s=timeout_s)
+    return cache.load_video(processor, path, timeout_s=timeout_s)
+
+
+def image_pixels(processor: Processor, path: str | Path, cache: FrameCache | None) -> torch.Tensor:
+    """:meth:`Processor.load_image`, through ``cache`` when there is one."""
+    return processor.load_image(path) if cache is None else cache.load_image(processor, path)

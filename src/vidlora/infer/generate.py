@@ -18,7 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vidlora.data.collate import IGNORE_INDEX, MultimodalCollator
-from vidlora.data.frame_cache import FrameCache
+from vidlora.data.frame_cache import FrameCache, image_pixels, video_pixels
 from vidlora.data.media import DEFAULT_DECODE_TIMEOUT
 from vidlora.data.records import Turn
 from vidlora.data.templates import Template, get_template
@@ -82,17 +82,11 @@ class Generator:
         pixels: dict = {}
         cache, processor = self.frame_cache, self.processor
         if request.video is not None:
-            if cache is not None:
-                video = cache.load_video(processor, request.video, timeout_s=self.decode_timeout)
-            else:
-                video = processor.load_video(request.video, timeout_s=self.decode_timeout)
+            video = video_pixels(processor, request.video, cache, timeout_s=self.decode_timeout)
             pixels["pixel_values_videos"] = video.unsqueeze(0)
         if request.images:
             pixels["pixel_values_images"] = torch.stack(
-                [
-                    cache.load_image(processor, p) if cache is not None else processor.load_image(p)
-                    for p in request.images
-                ]
+                [image_pixels(processor, p, cache) for p in request.images]
             )
         return pixels
 
