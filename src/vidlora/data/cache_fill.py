@@ -166,15 +166,11 @@ def fill_cache(
         prepared = prepare_sample(sample, processor, tokenizer, folders)
         failures += [p for p in prepared.problems if p.file is not None]
         other += [p for p in prepared.problems if p.file is None]
-        failed = {p.file for p in prepared.problems if p.file is not None}
-        media = [("video", prepared.video)] if prepared.video is not None else []
-        media += [("image", image) for image in prepared.images]
-        for kind, path in media:
-            if str(path) not in failed:
-                stub = SampleProblem(
-                    ProblemKind.UNREADABLE_MEDIA, "", sample.id, sample.index, str(sample.source), str(path)
-                )
-                named.setdefault((kind, str(path)), []).append(stub)
+        for kind, path in prepared.decodable_media():
+            stub = SampleProblem(
+                ProblemKind.UNREADABLE_MEDIA, "", sample.id, sample.index, str(sample.source), str(path)
+            )
+            named.setdefault((kind, str(path)), []).append(stub)
     keys = list(named)
     jobs = [FillJob(path, kind, processor, cache, decode_timeout) for kind, path in keys]
     results = map_in_processes(

@@ -174,11 +174,9 @@ def run_check(
         infos.append(info)
         problems += prepared.problems
         # Decode what resolved and exists; the files training would refuse are reported already.
-        failed = {p.file for p in prepared.problems if p.file is not None}
-        video = (
-            str(prepared.video) if prepared.video is not None and str(prepared.video) not in failed else None
-        )
-        images = tuple(str(p) for p in prepared.images if str(p) not in failed)
+        media = prepared.decodable_media()
+        video = next((str(path) for kind, path in media if kind == "video"), None)
+        images = tuple(str(path) for kind, path in media if kind == "image")
         if video is not None or images:
             jobs.append((len(infos) - 1, MediaJob(video, images, processor, decode_timeout, frame_cache)))
 

@@ -241,6 +241,14 @@ class PreparedSample:
     def truncated(self) -> bool:
         return self.length is not None and self.full_length is not None and self.length < self.full_length
 
+    def decodable_media(self) -> list[tuple[str, Path]]:
+        """``("video" | "image", path)`` of each resolved media file no problem names: what is
+        worth decoding (a file already found missing, empty or refused is reported as it is)."""
+        failed = {p.file for p in self.problems if p.file is not None}
+        media = [("video", self.video)] if self.video is not None else []
+        media += [("image", path) for path in self.images]
+        return [(kind, path) for kind, path in media if str(path) not in failed]
+
     @property
     def modality_length(self) -> int:
         """Expanded length, negated for text-only samples (the grouped sampler's input)."""
