@@ -39,8 +39,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from vidlora.data.records import read_record_objects
 from vidlora.errors import UsageError, VidloraError
-from vidlora.jsonl import read_json_object, read_jsonl, write_text_atomic
+from vidlora.jsonl import read_json_object, write_text_atomic
 from vidlora.training.throughput import (
     FLOPS_FORMULA,
     StepRecorder,
@@ -212,18 +213,6 @@ def _mix_of(record: dict[str, Any]) -> set[str]:
     return mixes
 
 
-def _read_raw(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".jsonl":
-        return [obj for _, obj in read_jsonl(path)]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path}: cannot read the records: {err}") from None
-    if not isinstance(data, list):
-        raise UsageError(f"{path}: expected a JSON list of records")
-    return data
-
-
 def split_mixes(records: list[dict[str, Any]], out: Path, modalities: Sequence[str]) -> dict[str, str]:
     """Write one record file per requested mix into ``out``; a mix without records is an error."""
     files = {}
@@ -326,7 +315,7 @@ def realres_set(folder: Path, clips: int, seed: int) -> None:
 def prepare_data(args: BenchArguments, work: Path) -> BenchData:
     """Generate (once) or read the data set and split it into the requested mixes under ``work``."""
     if args.data_path:
-        records = [r for path in args.data_path for r in _read_raw(Path(path))]
+        records = [r for path in args.data_path for r in read_record_objects(Path(path))]
         mixes = split_mixes(records, work, args.modalities)
         return BenchData(
             f"{', '.join(args.data_path)}",
@@ -352,7 +341,7 @@ def prepare_data(args: BenchArguments, work: Path) -> BenchData:
         if took > 5:
             print(f"vidlora bench: generated the realres set in {took:.0f} s ({folder})", file=sys.stderr)
         description = f"realres ({args.realres_clips} clips 1280x720 25 fps, 30-60 s, libx264 default GOP)"
-    records = _read_raw(folder / "train.json")
+    records = read_record_objects(folder / "train.json")
     mixes = split_mixes(records, work, args.modalities)
     return BenchData(description, str(folder), str(folder), mixes, _videos(records, str(folder)))
 

@@ -181,7 +181,7 @@ def read_records(
     errors: list[RecordError] = []
     for path in map(Path, paths):
         try:
-            objects = _read_objects(path)
+            objects = read_record_objects(path)
         except RecordError as err:
             errors.append(err)
             continue
@@ -226,8 +226,12 @@ def resolve_media(
 # -- reading -----------------------------------------------------------------------------------
 
 
-def _read_objects(path: Path) -> list[Any]:
-    """Parse a JSON-list or JSONL file into its top-level items."""
+def read_record_objects(path: Path) -> list[Any]:
+    """Parse a JSON-list or JSONL file into its top-level items (records not yet validated).
+
+    Raises:
+        RecordError: unreadable, empty or malformed file (the message names it).
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
