@@ -3,9 +3,9 @@
 
 Usage: ``python benchmarks/preprocess.py [--repeats N] [--frames T]``
 
-Times :func:`vidlora.data.transforms.preprocess_video` against the original's order written out
-here, on random uint8 frames at 1280×720 and 1920×1080 (8 frames, the sample Video-LLaVA's video
-tower takes), with one thread and with torch's default thread count. A third column times a
+Times :func:`vidlora.data.transforms.preprocess_video` against the original's order
+(:func:`vidlora.bench.preprocess_video_original_order`), on random uint8 frames at 1280×720 and
+1920×1080 (8 frames, the sample Video-LLaVA's video tower takes), with one thread and with torch's default thread count. A third column times a
 resize done in uint8 (``F.interpolate`` accepts uint8 on CPU), which is faster still but rounds
 every resized pixel to an integer; its error is printed to show why vidlora does not use it.
 Prints a markdown table (median of ``--repeats`` interleaved runs, ms per sample).
@@ -14,7 +14,6 @@ Prints a markdown table (median of ``--repeats`` interleaved runs, ms per sample
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -24,19 +23,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from vidlora.data.transforms import CLIP_MEAN, CLIP_STD, PixelSpec, preprocess_video
+from vidlora.bench import preprocess_video_original_order
+from vidlora.data.transforms import CLIP_MEAN, CLIP_STD, PixelSpec, preprocess_video, video_resize_shape
 
 SIZES = ((720, 1280), (1080, 1920))
 MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-
-
-def _resize_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    return (
-        (math.floor(height / width * size), size)
-        if width < height
-        else (size, math.floor(width / height * size))
-    )
 
 
 def _crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -45,17 +37,15 @@ def _crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def original_order(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """/255 and normalise at full resolution, then bilinear resize, then crop (the original)."""
-    x = frames.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-    x = (x - MEAN) / STD
-    x = F.interpolate(x, size=_resize_shape(*x.shape[-2:], size), mode="bilinear", align_corners=False)
-    return _crop(x, size).contiguous()
+    """/255 and normalise at full resolution, then bilinear resize, then crop (the original; the
+    same function `vidlora bench`'s straightforward baseline pre-processes with)."""
+    return preprocess_video_original_order(frames.numpy(), size, CLIP_MEAN, CLIP_STD)
 
 
 def uint8_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
     """Resize in uint8, then crop, convert and normalise (rounds the resized pixels)."""
     x = frames.permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=_resize_shape(*x.shape[-2:], size), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=video_resize_shape(*x.shape[-2:], size), mode="bilinear", align_corners=False)
     return ((_crop(x, size).to(torch.float32) / 255.0 - MEAN) / STD).contiguous()
 
 

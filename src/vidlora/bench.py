@@ -661,13 +661,11 @@ def decode_to_last_sampled(path: str | Path, num_frames: int) -> np.ndarray:
 def preprocess_video_original_order(frames: np.ndarray, image_size: int, mean: Any, std: Any) -> torch.Tensor:
     """The original's video pre-processing order: ``/255`` and normalise at full resolution, then the
     bilinear short-side resize and the centre crop (the baseline keeps its own copy of that order)."""
+    from vidlora.data.transforms import video_resize_shape
+
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    height, width = x.shape[-2:]
-    if width < height:
-        size = (int(height / width * image_size), image_size)
-    else:
-        size = (image_size, int(width / height * image_size))
+    size = video_resize_shape(x.shape[-2], x.shape[-1], image_size)
     x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
     top, left = round((size[0] - image_size) / 2), round((size[1] - image_size) / 2)
     return x[..., top : top + image_size, left : left + image_size].contiguous()
