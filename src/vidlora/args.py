@@ -193,6 +193,13 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep media columns (must stay False)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete the checkpoints of an earlier run in --output_dir and start from step 0 (without "
+            "it, rerunning the same command resumes from the latest complete checkpoint)."
+        },
+    )
     stop_on_nonfinite: bool = field(
         default=True, metadata={"help": "Stop with a clear message on a NaN/inf loss or gradient."}
     )

@@ -315,6 +315,7 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False) -> dict[str, Any]:
     print(f"vidlora demo: [3/4] LoRA fine-tuning -> {train_dir}", file=sys.stderr)
     model_args, data_args, train_args = parse_train_args(training_argv(config, data_dir, train_dir))
     trainer = run(model_args, data_args, train_args)
+    assert trainer is not None  # _prepare_out emptied the training directory: nothing was finished
     stage("train", t)
 
     t = time.perf_counter()

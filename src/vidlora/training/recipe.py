@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -45,6 +46,7 @@ from vidlora.data.records import Sample
 from vidlora.errors import UsageError
 from vidlora.model.loading import LoadedModel
 from vidlora.training.distributed import computed_on_rank_zero
+from vidlora.training.run_dir import ResumePlan, mark_finished, plan_resume, run_identity
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -213,12 +215,26 @@ def run_record(
     model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, processor: Processor
 ) -> RunRecord:
     """What every checkpoint of this run records: the base to load, the processor, the arguments."""
-    training: dict[str, Any] = {
+    return RunRecord(
+        base=base_model(model_args),
+        processor=processor,
+        training=run_arguments(model_args, data_args, train_args),
+    )
+
+
+def run_arguments(
+    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments
+) -> dict[str, Any]:
+    """The arguments a checkpoint records, with the run's identity (model, data by content, recipe)
+    that a rerun is compared with."""
+    model = {**asdict(model_args), **asdict(base_model(model_args))}  # local paths made absolute
+    data, training = asdict(data_args), train_args.to_dict()
+    return {
         "model_args": asdict(model_args),
-        "data_args": asdict(data_args),
-        "training_args": train_args.to_dict(),
+        "data_args": data,
+        "training_args": training,
+        "identity": run_identity(model, data, training),
     }
-    return RunRecord(base=base_model(model_args), processor=processor, training=training)
 
 
 def build_trainer(
@@ -264,13 +280,45 @@ def build_trainer(
     return trainer, nonfinite
 
 
+def plan_run(
+    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments
+) -> ResumePlan:
+    """Where this run starts (:func:`~vidlora.training.run_dir.plan_resume`), decided on rank 0 of a
+    launch and handed to every rank; its messages are printed once."""
+    from vidlora.training.distributed import init_deepspeed_distributed
+
+    # The process group must be up for the ranks to agree: DeepSpeed's, or torchrun's (world_size).
+    init_deepspeed_distributed(train_args.deepspeed, train_args.ddp_timeout)
+    train_args.world_size  # noqa: B018
+    assert train_args.output_dir is not None  # TrainingArguments.__post_init__ fills in a default
+    plan = computed_on_rank_zero(
+        lambda: plan_resume(
+            Path(train_args.output_dir or "."),
+            resume_from_checkpoint=train_args.resume_from_checkpoint,
+            overwrite_output_dir=train_args.overwrite_output_dir,
+            current=run_arguments(model_args, data_args, train_args),
+        ),
+        what=f"reading {train_args.output_dir}",
+    )
+    if train_args.should_log:
+        for message in plan.messages:
+            print(f"vidlora train: {message}", file=sys.stderr)
+    return plan
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
-    """Train; returns the Trainer (its state holds the log history)."""
+    """Train, continuing the run in ``output_dir`` when there is one; returns the Trainer (its state
+    holds the log history), or None when ``output_dir`` holds this run finished already."""
+    plan = plan_run(model_args, data_args, train_args)
+    if plan.finished:
+        return None
     trainer, nonfinite = build_trainer(model_args, data_args, train_args)
-    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=plan.checkpoint)
     if nonfinite is not None:
         # Before the final save: the broken weights must not overwrite the last good checkpoint.
         nonfinite.raise_if_failed()
     trainer.save_model(train_args.output_dir)
     trainer.save_state()
+    if trainer.args.should_save:
+        mark_finished(Path(train_args.output_dir or "."), trainer.state.global_step)
     return trainer

@@ -1,23 +1,27 @@
 """The Trainer subclass, kept thin: the modality sampler, optimizer groups, training-time forward
-switches, and self-contained saves (the format is :mod:`vidlora.checkpoint`'s).
+switches, self-contained saves (the format is :mod:`vidlora.checkpoint`'s) and atomic checkpoints
+(written aside, renamed into place once every rank's files are on disk; :mod:`.run_dir`).
 
 Everything else — precision, gradient checkpointing, schedules, logging, evaluation and save
-strategies, `save_total_limit`, DeepSpeed and resume — is the Trainer's own machinery.
+strategies, DeepSpeed and resume — is the Trainer's own machinery.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import ExportableState
 
 from vidlora.checkpoint import NON_LORA_FILE, RunRecord, load_trainables, write_record, write_trainables
 from vidlora.data.sampler import ModalityLengthGroupedSampler
 from vidlora.errors import NotFoundError
 from vidlora.training.callbacks import observe_micro_batch
+from vidlora.training.run_dir import CHECKPOINT_PREFIX, partial_dir, rotate_checkpoints, seal_checkpoint
 
 PROJECTOR_NAME = "mm_projector"
 
@@ -111,6 +115,53 @@ class VidloraTrainer(Trainer):
             self._save(output_dir or self.args.output_dir, state_dict=state_dict)
             return
         super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (model, optimizer, scheduler, RNG, state), made atomic.
+
+        Every rank writes into ``.partial-checkpoint-N``; after a barrier the main process writes
+        the completeness marker and renames it to ``checkpoint-N``; only then are old checkpoints
+        rotated, counting complete ones and never the newest. A kill at any moment leaves the
+        previous complete checkpoint untouched and at most one partial directory, which a rerun
+        removes. Hyperparameter-search trials and hub pushes go through the stock method.
+        """
+        if trial is not None or self.args.push_to_hub:
+            super()._save_checkpoint(model, trial)
+            return
+        self.store_flos()
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        final = run_dir / f"{CHECKPOINT_PREFIX}-{step}"
+        partial = partial_dir(run_dir, step)
+        if self.args.should_save and partial.exists():
+            shutil.rmtree(partial)
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(partial), _internal_call=True)
+        if self.state.best_global_step:
+            best = run_dir / f"{CHECKPOINT_PREFIX}-{self.state.best_global_step}"
+            if best == final or best.exists():
+                self.state.best_model_checkpoint = str(best)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(partial))
+            self._save_scaler(str(partial))
+            self._save_rng_state(str(partial))
+        if self.args.should_save:
+            stateful: dict[str, Any] = self.state.stateful_callbacks  # type: ignore[assignment]
+            for callback in [*self.callback_handler.callbacks, self.control]:
+                if isinstance(callback, ExportableState):
+                    name = type(callback).__name__
+                    if isinstance(stateful.get(name), list):
+                        stateful[name].append(callback.state())
+                    else:
+                        stateful[name] = callback.state()
+            self.state.save_to_json(str(partial / TRAINER_STATE_NAME))
+        # Every rank's shards (DeepSpeed's optimizer partitions, RNG states) are on disk.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            seal_checkpoint(partial, final, step, self.args.world_size)
+            best_dir = self.state.best_model_checkpoint
+            rotate_checkpoints(run_dir, self.args.save_total_limit, [Path(best_dir)] if best_dir else [])
+        self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Adapter + non-LoRA trainables (safetensors) + configs + tokenizer, in every checkpoint.
