@@ -15,7 +15,10 @@ function of the seed and epoch, and the tiny model runs in fp32 on the CPU with 
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +179,73 @@ def test_kill_suite_five_moments_one_process(kill_data, uninterrupted, tmp_path)
     done = rerun_to_the_end(command, out)
     assert "resuming from" in done.output
     assert_same_run(out, want)
+
+
+# -- two processes, DeepSpeed ZeRO-3 ------------------------------------------------------------------
+
+ZERO3 = Path(__file__).resolve().parents[2] / "configs" / "zero3.json"
+# Cross-rank reductions sum in a fixed order, so a resumed ZeRO-3 run normally replays bit for bit;
+# the tolerances are test_zero3_original_command's (fp32 sums in another order, 1e-8 measured).
+ZERO3_LOSS_TOL, ZERO3_TENSOR_TOL = 1e-5, 1e-6
+
+
+def _deepspeed_command(argv: list[str], port: int) -> list[str]:
+    launcher = Path(sys.executable).with_name("deepspeed")
+    assert launcher.is_file(), f"the project installs deepspeed (dev extra); {launcher} is missing"
+    return [str(launcher), "--num_gpus", "2", "--master_port", str(port), "--module", "vidlora.train", *argv]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_close_run(got: Path, want: Path) -> None:
+    got_h, want_h = _history(got), _history(want)
+    assert [e["step"] for e in got_h] == [e["step"] for e in want_h]
+    for a, b in zip(got_h, want_h, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=ZERO3_LOSS_TOL), (a["step"], key)
+    got_w, want_w = _weights(got), _weights(want)
+    assert sorted(got_w) == sorted(want_w)
+    for key, tensor in want_w.items():
+        torch.testing.assert_close(got_w[key], tensor, rtol=0, atol=ZERO3_TENSOR_TOL, msg=key)
+
+
+@pytest.mark.slow
+def test_kill_suite_zero3_two_processes(kill_data, tmp_path):
+    """`deepspeed --num_gpus 2 … --deepspeed configs/zero3.json`, its whole process group killed
+    twice (mid-step, then while checkpoint-4 is written by both ranks), rerun as is each time."""
+    cache = tmp_path / "cache"
+    env = {"DS_ACCELERATOR": "cpu"}
+    flags = {
+        "num_train_epochs": "1",
+        "lora_dropout": "0",
+        "per_device_train_batch_size": "1",
+        "deepspeed": str(ZERO3),
+    }
+    full_env = {**os.environ, **env}
+    want = tmp_path / "uninterrupted"
+    done = launch(
+        _deepspeed_command(kill_argv(kill_data, want, cache, **flags), _free_port()), want, env=full_env
+    )
+    assert done.returncode == 0, done.output[-4000:]
+
+    out = tmp_path / "killed"
+    command = _deepspeed_command(kill_argv(kill_data, out, cache, **flags), _free_port())
+    rng = random.Random(5)
+    for moment, trigger in [
+        ("random step", after_step(rng.randint(1, 2), rng.uniform(0.0, 0.5))),
+        ("saving", lambda p, d: p.step >= 4 and during_save()(p, d)),
+    ]:
+        outcome = launch(command, out, trigger, env=full_env)
+        assert_kill_left_a_resumable_directory(outcome, out)
+        if moment == "saving":
+            assert outcome.partial_dirs == [".partial-checkpoint-4"]
+            assert outcome.checkpoints == ["checkpoint-2"]
+    done = launch(command, out, env=full_env)
+    assert done.returncode == 0, done.output[-4000:]
+    assert f"resuming from {out / 'checkpoint-2'} (step 2)" in done.output
+    assert_close_run(out, want)
