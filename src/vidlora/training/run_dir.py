@@ -96,9 +96,12 @@ class RunMismatchError(VidloraError, ValueError):
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """Name, size and SHA-256 of a record file: the data a run trains on, wherever it is mounted."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise NotFoundError(f"{path}: cannot read the record file ({err.strerror or err})") from err
     return {"name": Path(path).name, "size": Path(path).stat().st_size, "sha256": digest.hexdigest()}
 
 
