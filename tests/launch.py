@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -113,6 +116,57 @@ def run_launch(command: list[str], *, timeout: float = LAUNCH_TIMEOUT_S) -> subp
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     return done
+
+
+@contextmanager
+def started_launch(command: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """Start a launch in the background (its own session, output to ``log``); on leaving, whatever of
+    it still runs is killed, so a test that fails midway leaves no training processes behind."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        # The launcher and its workers share the session's process group (workers can outlive it).
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+    """Wait until ``path`` exists; fails if the launch ends first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the launch ended (exit {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.05)
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the training process of global ``rank`` under a launcher: its descendant running
+    vidlora.train whose environment says ``RANK=rank`` (read from /proc, as an operator would)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, found = list(children.get(launcher_pid, [])), []
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"vidlora.train" in cmdline:
+            found.append(pid)
+    assert len(found) == 1, f"rank {rank} under launcher {launcher_pid}: processes {found}"
+    return found[0]
 
 
 def logged(history: list[dict], key: str) -> list[float]:
