@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -246,6 +247,16 @@ class TrainingArguments(transformers.TrainingArguments):
             )
             # The old name mirrors the new one (transformers 5 keeps both in step).
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+
+    @cached_property
+    def _setup_devices(self) -> Any:
+        """The Trainer's device setup, with a launched CPU run's process group started with
+        ``--ddp_timeout`` first (accelerate's CPU path would start it without one)."""
+        if self.use_cpu:
+            from vidlora.training.distributed import init_cpu_process_group
+
+            init_cpu_process_group(self.ddp_timeout, self.ddp_backend)
+        return super()._setup_devices
 
 
 # The first DeepSpeed verified to keep frozen weights gathered through a non-reentrant checkpoint's

@@ -18,9 +18,11 @@ from vidlora.args import parse_train_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, train, and exit 1 when training itself fails (a non-finite loss); user errors raise."""
+    """Parse, train, and exit 1 when training itself fails (a non-finite loss, a lost rank); user
+    errors raise."""
     model_args, data_args, train_args = parse_train_args(argv)
     from vidlora.training.callbacks import NonFiniteTrainingError
+    from vidlora.training.distributed import peer_lost_error
     from vidlora.training.recipe import run
 
     assert train_args.output_dir is not None  # TrainingArguments.__post_init__ fills in a default
@@ -29,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         run(model_args, data_args, train_args)
     except NonFiniteTrainingError as err:
         print(f"vidlora train: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        # gloo says only "Connection closed by peer" / "Timed out waiting"; say which rank and what next.
+        lost = peer_lost_error(err, train_args.output_dir)
+        if lost is None:
+            raise
+        print(f"vidlora train: {lost}", file=sys.stderr)
         return 1
     finally:
         # Left to interpreter exit, the process group's threads can be torn down while still

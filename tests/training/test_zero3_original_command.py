@@ -24,64 +24,36 @@ the projector while DeepSpeed's flat gradient buffers hand AdamW zeros, and the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
-ZERO3 = ROOT / "configs" / "zero3.json"
-NON_LORA = "non_lora_trainables.safetensors"
+from launch import (
+    LOSS_TOL,
+    NON_LORA,
+    SAVED_TENSOR_FILES,
+    TENSOR_TOL,
+    ZERO3,
+    assert_same_training,
+    deepspeed_command,
+    logged,
+    run_launch,
+    saved_history,
+)
+
 # 16 samples, one held out for evaluation: 15 multimodal samples padded to 16 -> 4 steps of 4.
 STEPS = 4
-# fp32 sums in another order (cross-rank reduction vs local accumulation), carried through 4 AdamW
-# steps of at most lr = 2e-4 each: measured differences are ~1e-8.
-TENSOR_TOL = 1e-6
-LOSS_TOL = 1e-5
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed"),
-    pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _log(history: list[dict], key: str) -> list[float]:
-    return [entry[key] for entry in history if key in entry]
+pytestmark = pytest.mark.slow
 
 
 def _launch_zero3(argv: list[str]) -> None:
     """`deepspeed --num_gpus 2 --module vidlora.train ARGV` on the CPU; fails the test on a non-zero exit."""
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    )
-    command = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "--module",
-        "vidlora.train",
-        *argv,
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    run_launch(deepspeed_command(argv), timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -146,20 +118,10 @@ def test_zero3_checkpoints_are_complete_and_whole(both_runs):
 
 def test_zero3_losses_and_tensors_equal_one_process(both_runs):
     zero3_dir, single_dir, single = both_runs
-    zero3_history = json.loads((zero3_dir / "trainer_state.json").read_text())["log_history"]
-    one_history = single.state.log_history
-    assert len(_log(zero3_history, "loss")) == STEPS
-    assert _log(zero3_history, "trained_tokens") == _log(one_history, "trained_tokens")
-    assert _log(zero3_history, "loss") == pytest.approx(_log(one_history, "loss"), abs=LOSS_TOL)
-    assert _log(zero3_history, "eval_loss") == pytest.approx(_log(one_history, "eval_loss"), abs=LOSS_TOL)
-    for name in ("adapter_model.safetensors", NON_LORA):
-        got, want = load_file(str(zero3_dir / name)), load_file(str(single_dir / name))
-        assert sorted(got) == sorted(want)
-        for key in want:
-            assert got[key].dtype == torch.float32
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=TENSOR_TOL, msg=f"{name}: {key}")
+    assert_same_training(zero3_dir, single.state.log_history, single_dir, steps=STEPS)
+    for name in SAVED_TENSOR_FILES:
         # The last checkpoint is the final step.
-        last = load_file(str(zero3_dir / f"checkpoint-{STEPS}" / name))
+        got, last = load_file(str(zero3_dir / name)), load_file(str(zero3_dir / f"checkpoint-{STEPS}" / name))
         assert all(torch.equal(last[k], got[k]) for k in got)
     # Training moved the weights: the comparison is not between two untouched initialisations.
     adapter = load_file(str(zero3_dir / "adapter_model.safetensors"))
@@ -190,14 +152,8 @@ def test_zero3_resume_replays_the_zero3_run(both_runs, zero3_flags, original_arg
         resume_from_checkpoint=str(out / "checkpoint-2"),
     )  # fmt: skip
     _launch_zero3(argv)
-    want = json.loads((zero3_dir / "trainer_state.json").read_text())["log_history"]
-    got = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert _log(got, "loss") == pytest.approx(_log(want, "loss"), abs=LOSS_TOL)
-    for name in ("adapter_model.safetensors", NON_LORA):
-        a, b = load_file(str(out / name)), load_file(str(zero3_dir / name))
-        assert sorted(a) == sorted(b)
-        for key in b:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=TENSOR_TOL, msg=f"{name}: {key}")
+    # The resumed history starts with the checkpoint's steps 1-2, then logs 3-4 itself.
+    assert_same_training(out, saved_history(zero3_dir), zero3_dir, steps=STEPS)
 
 
 def test_zero3_projector_pretraining_equals_one_process(
@@ -209,8 +165,9 @@ def test_zero3_projector_pretraining_equals_one_process(
     zero3_dir, single_dir = tmp_path / "zero3", tmp_path / "single"
     _launch_zero3(original_argv(zero3_dir, **pretrain, gradient_accumulation_steps="2", deepspeed=str(ZERO3)))
     single = train_in_process(original_argv(single_dir, **pretrain, gradient_accumulation_steps="4"))
-    zero3_history = json.loads((zero3_dir / "trainer_state.json").read_text())["log_history"]
-    assert _log(zero3_history, "loss") == pytest.approx(_log(single.state.log_history, "loss"), abs=LOSS_TOL)
+    assert logged(saved_history(zero3_dir), "loss") == pytest.approx(
+        logged(single.state.log_history, "loss"), abs=LOSS_TOL
+    )
     for directory in (zero3_dir, zero3_dir / f"checkpoint-{STEPS}"):
         assert not [p.name for p in directory.glob("*.safetensors") if p.name != NON_LORA], directory
         got, want = load_file(str(directory / NON_LORA)), load_file(str(single_dir / NON_LORA))

@@ -1,6 +1,7 @@
-"""Start DeepSpeed's communication layer early enough for ZeRO-3 on any device, CPU included.
+"""Process groups of a launched run: started with the run's ``--ddp_timeout`` on every path, DeepSpeed's
+early enough for ZeRO-3 on any device, and a lost rank reported as such.
 
-Why this exists: under ZeRO-3 the Trainer's DeepSpeed config makes transformers wrap model
+DeepSpeed and ZeRO-3: under ZeRO-3 the Trainer's DeepSpeed config makes transformers wrap model
 construction (``from_pretrained`` / ``from_config`` / ``_from_config``) in ``deepspeed.zero.Init``,
 which partitions parameters across ranks as they are created and reads the world size from
 DeepSpeed's own communication backend. On a GPU, accelerate starts that backend when the
@@ -14,8 +15,10 @@ model fixes that; on a GPU it is a no-op in effect (DeepSpeed reuses an existing
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from vidlora.errors import VidloraError
@@ -33,6 +36,23 @@ def missing_launcher_env(environ: dict[str, str] | None = None) -> list[str]:
     """The launcher variables DeepSpeed needs that are not set (empty under deepspeed/torchrun)."""
     env = os.environ if environ is None else environ
     return [name for name in LAUNCHER_ENV if name not in env]
+
+
+def init_cpu_process_group(timeout_s: int, backend: str | None = None) -> bool:
+    """Start a launched CPU run's process group with ``--ddp_timeout``; True if this call started it.
+
+    accelerate starts it on the CPU without a timeout (its GPU and DeepSpeed-on-GPU paths pass
+    ``--ddp_timeout``), so a rank that stops answering — hung, stopped, or on a machine that is gone
+    without closing its connections — kept the others in a collective for torch's default 30 minutes.
+    Started here first, accelerate and DeepSpeed reuse the group. Does nothing without a launcher
+    (one plain process) or when a group is up already. The backend defaults to gloo, as accelerate's.
+    """
+    import torch.distributed as dist
+
+    if missing_launcher_env() or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group(backend or "gloo", timeout=timedelta(seconds=timeout_s))
+    return True
 
 
 def init_deepspeed_distributed(deepspeed_config: str | dict | None, timeout_s: int = 1800) -> bool:
@@ -84,3 +104,51 @@ def computed_on_rank_zero(compute: Callable[[], T], *, what: str) -> T:
         first_line = str(value).splitlines()[0]
         raise VidloraError(f"{what} failed on rank 0 (its error is printed there): {first_line}")
     return cast("T", value)
+
+
+# What gloo says when a peer is gone: its connection closed or reset (the process died), or no answer
+# within the process group's timeout (it hangs, is stopped, or its machine is unreachable).
+_CLOSED = re.compile(r"Connection (?:closed|reset) by peer(?: \[?([^\]\s]+)\]?:(\d+))?|Broken pipe")
+_TIMED_OUT = re.compile(r"Timed out waiting (\d+)ms")
+
+
+class PeerLostError(RuntimeError):
+    """Another rank of the run stopped taking part (it died, hangs, or its machine is gone)."""
+
+
+def peer_lost_error(err: BaseException, output_dir: str | None = None) -> PeerLostError | None:
+    """``err`` as a :class:`PeerLostError` naming this rank, the lost one and what to do, or None when
+    ``err`` is not a lost peer. The lost rank is named when it can be known (the other rank of two);
+    gloo itself names only the peer's address."""
+    import torch.distributed as dist
+
+    text = str(err)
+    closed, timed_out = _CLOSED.search(text), _TIMED_OUT.search(text)
+    if not (closed or timed_out) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    others = [r for r in range(world) if r != rank]
+    lost = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
+    if closed:
+        where = f" at {closed.group(1)}:{closed.group(2)}" if closed.group(1) else ""
+        what = f"lost {lost}{where}: its connection closed (the process died or was killed)"
+    else:
+        assert timed_out is not None
+        seconds = int(timed_out.group(1)) / 1000
+        what = (
+            f"lost {lost}: no answer within --ddp_timeout {seconds:g} s (it hangs, is stopped, or its "
+            "machine is gone)"
+        )
+    resume = "; rerun the same command to continue from the last complete checkpoint"
+    last = _last_checkpoint(output_dir)
+    if last is not None:
+        resume += f" ({last}, or pass --resume_from_checkpoint {last})"
+    return PeerLostError(f"rank {rank} of {world} {what}; its own log says why{resume}")
+
+
+def _last_checkpoint(output_dir: str | None) -> str | None:
+    if not output_dir or not Path(output_dir).is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir)
