@@ -15,6 +15,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from vidlora.checkpoint import NON_LORA_FILE, RunRecord, load_trainables, write_record, write_trainables
+from vidlora.data.collate import SAMPLE_IDS
 from vidlora.data.sampler import ModalityLengthGroupedSampler
 from vidlora.errors import NotFoundError
 from vidlora.training.callbacks import observe_micro_batch
@@ -53,14 +54,19 @@ class VidloraTrainer(Trainer):
         adding exactly zero for a modality the batch lacks), as the original does for text-only
         samples: the projector gets a (zero) gradient in text-only steps on one process exactly as
         under DeepSpeed, and the ranks of a multi-process job run the same modules every step
-        (ZeRO-3 gathers parameters collectively). No KV cache is built while training."""
-        inputs = {**inputs, "run_all_towers": True, "use_cache": False}
+        (ZeRO-3 gathers parameters collectively). No KV cache is built while training. The batch's
+        sample ids are not a model input: they stay in ``training_step``'s batch for the callbacks."""
+        inputs = {
+            **{k: v for k, v in inputs.items() if k != SAMPLE_IDS},
+            "run_all_towers": True,
+            "use_cache": False,
+        }
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # -- per micro-batch observation --------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The stock step, then hand the raw loss and labels to the callbacks that watch them
-        (non-finite losses hidden by `logging_nan_inf_filter`, trained-token counts)."""
+        """The stock step, then hand the raw loss, labels and sample ids to the callbacks that watch
+        them (non-finite losses hidden by `logging_nan_inf_filter`, naming the batch; trained-token counts)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         observe_micro_batch(self.callback_handler.callbacks, self.state, inputs, loss)
         return loss
