@@ -7,6 +7,7 @@ strategies, `save_total_limit`, DeepSpeed and resume — is the Trainer's own ma
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from vidlora.errors import NotFoundError
 from vidlora.training.callbacks import observe_micro_batch
 
 PROJECTOR_NAME = "mm_projector"
+
+logger = logging.getLogger("vidlora.training")
 
 
 class VidloraTrainer(Trainer):
@@ -154,6 +157,71 @@ class VidloraTrainer(Trainer):
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_trainables(target, projector_file)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resume the optimizer's moments and the schedule's position, under this run's settings.
+
+        The stock load also restores the checkpoint's param-group settings (learning rate, weight
+        decay, betas) and the scheduler's base rates, so a rerun with a lower ``--learning_rate``
+        after a divergence would silently keep the old one. What the flags decide is put back
+        after the load, and every change is logged.
+        """
+        groups = [] if self.optimizer is None else self.optimizer.param_groups
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        fresh_base_lrs = list(getattr(self.lr_scheduler, "base_lrs", None) or [])
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.optimizer is None:
+            return
+        changes = reapply_run_settings(self.optimizer, self.lr_scheduler, fresh, fresh_base_lrs)
+        if changes and self.args.should_log:
+            logger.warning(
+                "resuming from %s with this run's settings, not the checkpoint's: %s",
+                checkpoint,
+                "; ".join(changes),
+            )
+
+
+def reapply_run_settings(
+    optimizer: Any, scheduler: Any, fresh: list[dict[str, Any]], fresh_base_lrs: list[float]
+) -> list[str]:
+    """Put this run's param-group settings (``fresh``: the groups as built, before a resume load)
+    and base learning rates back into a loaded optimizer and LambdaLR-style scheduler; returns
+    one line per changed setting ("group 0: learning rate 0.0002 -> 0.0001").
+
+    The current learning rate becomes the new base rate times the schedule's factor at the
+    resumed step (every Trainer schedule is a LambdaLR: ``lr = base * lambda(step)``).
+    """
+    changes: list[str] = []
+    groups = optimizer.param_groups
+    if len(groups) != len(fresh):
+        return [f"the checkpoint's optimizer has {len(groups)} parameter groups, this run {len(fresh)}"]
+    for index, (group, want) in enumerate(zip(groups, fresh, strict=True)):
+        for key, value in want.items():
+            if key in ("lr", "initial_lr") or _same_setting(group.get(key), value):
+                continue
+            changes.append(f"group {index}: {key} {group.get(key)} -> {value}")
+            group[key] = value
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    loaded_base_lrs = list(getattr(scheduler, "base_lrs", None) or [])
+    if lambdas is None or len(loaded_base_lrs) != len(fresh_base_lrs) or len(lambdas) != len(groups):
+        return changes
+    for index, (old, new) in enumerate(zip(loaded_base_lrs, fresh_base_lrs, strict=True)):
+        if old != new:
+            changes.append(f"group {index}: learning rate {old} -> {new}")
+    scheduler.base_lrs = fresh_base_lrs
+    # LambdaLR.get_lr() warns outside step(); its formula, at the resumed step:
+    current = [base * fn(scheduler.last_epoch) for base, fn in zip(fresh_base_lrs, lambdas, strict=True)]
+    for group, base, lr in zip(groups, fresh_base_lrs, current, strict=True):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = current
+    return changes
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    # A tuple (betas) comes back from a checkpoint as a list or a tuple.
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
 
 
 def trains_projector_only(model: torch.nn.Module) -> bool:
