@@ -291,3 +291,73 @@ def test_reapply_run_settings_puts_the_runs_flags_over_a_loaded_optimizer():
     resumed_scheduler.step()  # and the schedule goes on from the new base: factor 0.25 at step 3
     assert resumed_scheduler.get_last_lr() == pytest.approx([0.25e-4, 0.25e-3], rel=1e-12)
     assert reapply_run_settings(resumed, resumed_scheduler, fresh, fresh_base) == []
+
+
+# -- several processes: every rank names the failing rank's batch ----------------------------------
+
+RANK_BATCHES = {0: [["a1", "a2"], ["a3", "a4"]], 1: [["b1", "b2"], ["b3", "b4"]]}
+
+
+def _nonfinite_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of a 2-process gloo group: step 5's second micro-batch has a NaN loss on rank 1 only;
+    then, for a second watch, a logged NaN gradient norm (as DeepSpeed reports it)."""
+    import json
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+
+    from vidlora.training.callbacks import NonFiniteStop, observe_micro_batch
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    args, state = SimpleNamespace(device=torch.device("cpu")), TrainerState(global_step=4)
+    outcome = {}
+    for case in ("loss", "logged grad_norm"):
+        stop = NonFiniteStop()
+        for index, ids in enumerate(RANK_BATCHES[rank]):
+            bad = case == "loss" and rank == 1 and index == 1
+            observe_micro_batch([stop], state, {"ids": ids}, torch.tensor(math.nan if bad else 0.5))
+        stop.on_pre_optimizer_step(args, state, TrainerControl())
+        if case == "logged grad_norm":
+            stop.on_log(args, TrainerState(global_step=5), TrainerControl(), logs={"grad_norm": math.nan})
+        event = stop.event
+        assert event is not None
+        outcome[case] = {
+            "step": event.step, "what": event.what, "batch": [[r, list(i)] for r, i in event.batch],
+            "message": event.message(None),
+        }  # fmt: skip
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    dist.destroy_process_group()
+
+
+def test_with_two_processes_every_rank_names_the_failing_ranks_micro_batch(tmp_path):
+    import json
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    procs = [
+        context.Process(target=_nonfinite_rank, args=(rank, str(tmp_path / "rendezvous"), str(tmp_path)))
+        for rank in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)  # finishes instead of hanging in a collective
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert outcomes[0] == outcomes[1]  # both ranks tell the same story
+    loss = outcomes[0]["loss"]
+    assert (loss["step"], loss["what"], loss["batch"]) == (5, "the training loss", [[1, ["b3", "b4"]]])
+    assert loss["message"].startswith(
+        "training stopped at step 5: the training loss is nan (the micro-batch on process 1 of 2 held "
+        "samples 'b3', 'b4'). "
+    )
+    logged = outcomes[0]["logged grad_norm"]
+    assert (logged["step"], logged["batch"]) == (
+        5,
+        [[0, ["a1", "a2", "a3", "a4"]], [1, ["b1", "b2", "b3", "b4"]]],
+    )
+    assert logged["message"].startswith(
+        "training stopped at step 5: the gradient norm is nan (the step's batch on process 0 of 2 held samples "
+        "'a1', 'a2', 'a3', 'a4'; the step's batch on process 1 of 2 held samples 'b1', 'b2', 'b3', 'b4'). "
+    )
