@@ -15,10 +15,18 @@ import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from vidlora.checkpoint import NON_LORA_FILE, RunRecord, load_trainables, write_record, write_trainables
+from vidlora.checkpoint import (
+    ADAPTER_WEIGHTS,
+    NON_LORA_FILE,
+    RunRecord,
+    load_trainables,
+    write_record,
+    write_trainables,
+)
 from vidlora.data.collate import SAMPLE_IDS
 from vidlora.data.sampler import ModalityLengthGroupedSampler
 from vidlora.errors import NotFoundError
+from vidlora.model.safetensors_check import check_safetensors
 from vidlora.training.callbacks import observe_micro_batch
 
 PROJECTOR_NAME = "mm_projector"
@@ -155,6 +163,9 @@ class VidloraTrainer(Trainer):
             if not projector_file.is_file():
                 raise NotFoundError(f"cannot resume projector pre-training: {projector_file} is missing")
         else:
+            adapter = Path(resume_from_checkpoint) / ADAPTER_WEIGHTS
+            if adapter.is_file():
+                check_safetensors(adapter)  # the Trainer (PEFT) reads it next, unchecked
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_trainables(target, projector_file)
 
