@@ -362,3 +362,35 @@ def test_resuming_from_a_checkpoint_with_a_hostile_adapter_is_a_usage_error(
         f"vidlora train: error: {checkpoint / ADAPTER_WEIGHTS}: not a valid safetensors file: header length"
         in err
     )
+
+
+# -- remote code -----------------------------------------------------------------------------------
+
+
+def test_a_tokenizer_that_asks_for_its_own_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    from vidlora.errors import NotFoundError
+    from vidlora.model.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    directory = tmp_path / "tokenizer"
+    build_tiny_tokenizer().save_pretrained(directory)
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    # A class transformers does not have, and the code that would provide it.
+    config["tokenizer_class"] = "EvilTokenizer"
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+    config_file.write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (directory / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+
+    asked: list[str] = []
+
+    def prompt(question: str = "") -> str:
+        # Left to its default (None), transformers asks at the terminal, and "y" runs evil.py.
+        asked.append(question)
+        return "n"
+
+    monkeypatch.setattr("builtins.input", prompt)
+    with pytest.raises(NotFoundError, match="custom code"):
+        load_tokenizer(directory)
+    assert asked == []
+    assert not marker.exists()
