@@ -31,6 +31,7 @@ from vidlora.errors import UsageError
 from vidlora.jsonl import read_json_object, write_text_atomic
 from vidlora.model.configuration import ConfigOverrides
 from vidlora.model.lora import is_lora_name, strip_peft_prefix
+from vidlora.model.safetensors_check import check_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -198,6 +199,7 @@ def load_trainables(model: torch.nn.Module, path: Path) -> None:
     """Copy saved non-LoRA trainables into ``model`` (PEFT-wrapped or not); strict on names and shapes."""
     if not path.exists():
         return
+    check_safetensors(path)
     saved = load_file(str(path))
     params = {strip_peft_prefix(n): p for n, p in model.named_parameters()}
     unknown = [k for k in saved if k not in params]

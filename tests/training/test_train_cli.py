@@ -129,7 +129,10 @@ def test_nan_loss_stops_training_and_keeps_only_earlier_checkpoints(original_arg
     assert main(argv) == 1
     err = capsys.readouterr().err
     message = next(line for line in err.splitlines() if line.startswith("vidlora train: training stopped"))
-    assert message.startswith("vidlora train: training stopped at step 2: the gradient norm is nan.")
+    # The step's four samples are named (which ones: tests/training/test_nonfinite.py pins them).
+    assert message.startswith(
+        "vidlora train: training stopped at step 2: the gradient norm is nan (the step's batch held samples "
+    )
     assert "the latest checkpoint, checkpoint-1, is from before the failure" in message
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (out / "adapter_model.safetensors").exists()  # no final save of the broken weights

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+#: The batch key of the sample ids (``keep_ids``); not a model input, so whoever calls the model pops it.
+SAMPLE_IDS = "ids"
 
 
 def pad_sequences(sequences: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
@@ -43,8 +45,9 @@ class MultimodalCollator:
 
     Right padding for training (the loss ignores padded labels); left padding for batched
     generation, so every row's last prompt token sits at the end. ``keep_ids`` adds the sample
-    ids (a list of str) under ``"ids"`` for prediction; training batches leave them out because
-    the model's forward takes only tensors.
+    ids (a list of str) under :data:`SAMPLE_IDS`: prediction writes them next to the answers, and
+    training names the batch that broke (the Trainer pops them before the forward, which takes
+    only tensors).
     """
 
     pad_token_id: int
@@ -68,5 +71,5 @@ class MultimodalCollator:
             if stacked is not None:
                 batch[key] = stacked
         if self.keep_ids:
-            batch["ids"] = [str(item["id"]) for item in items]
+            batch[SAMPLE_IDS] = [str(item["id"]) for item in items]
         return batch

@@ -42,6 +42,7 @@ from vidlora.model.hub import keys_of, read_config, read_tensors, resolve_direct
 from vidlora.model.loading import PRESETS, declared_dtype, grow_embeddings, load_pretrained
 from vidlora.model.lora import build_lora_config, peft_adapter_key, quiet_peft, strip_peft_prefix
 from vidlora.model.modeling import register_auto_classes
+from vidlora.model.safetensors_check import check_safetensors
 from vidlora.model.tokenizer import load_tokenizer
 
 
@@ -137,6 +138,8 @@ def load_for_inference(
         from peft import PeftModel
 
         load_trainables(model, path / NON_LORA_FILE)
+        if (path / ADAPTER_WEIGHTS).is_file():
+            check_safetensors(path / ADAPTER_WEIGHTS)  # PEFT reads it next, unchecked
         with quiet_peft():
             model = PeftModel.from_pretrained(model, str(path))
         kind = "vidlora adapter"

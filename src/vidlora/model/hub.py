@@ -1,6 +1,7 @@
 """Checkpoint files: a local directory for a name (hub snapshots included), its weight files, their tensors.
 
-Weights are read from safetensors (sharded index too) or, for legacy files, with
+Weights are read from safetensors (sharded index too; every header checked first,
+:mod:`~vidlora.model.safetensors_check`) or, for legacy files, with
 ``torch.load(weights_only=True)`` only: vidlora never unpickles arbitrary objects. Zip-format
 ``.bin`` files (every ``torch.save`` since torch 1.6, the original's shards included) are memory-mapped,
 so reading a shard does not first copy all of it into host memory.
@@ -18,6 +19,7 @@ import torch
 from vidlora.errors import NotFoundError, UsageError
 from vidlora.jsonl import read_json_object
 from vidlora.model.report import CheckpointLoadError
+from vidlora.model.safetensors_check import check_safetensors
 
 CONFIG_NAME = "config.json"
 # Non-weight files fetched from the hub before deciding which weight files are needed.
@@ -92,6 +94,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        check_safetensors(path)
         return load_file(str(path))
     try:
         # Only the zip format can be mapped; a pre-1.6 pickle is read whole (weights-only still).
@@ -125,6 +128,7 @@ def keys_of(files: list[Path]) -> list[str]:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
+            check_safetensors(path)
             with safe_open(str(path), framework="pt") as handle:
                 keys += list(handle.keys())
         elif index.is_file():

@@ -308,7 +308,10 @@ def load_tokenizer(
                 "transformers 4.31 (the original's stack), so the ids are the ones the model was trained on"
             )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), config=text_config, **kwargs)
+        # Never the checkpoint's own code: left unset, transformers would ask at the terminal.
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(directory), config=text_config, trust_remote_code=False, **kwargs
+        )
     except (OSError, ValueError) as err:
         raise NotFoundError(f"{directory}: no usable tokenizer ({type(err).__name__}: {err})") from err
     if hasattr(tokenizer, "legacy"):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from vidlora.data.collate import SAMPLE_IDS
 from vidlora.training.plots import plot_loss_curve
 
 logger = logging.getLogger("vidlora.training")
@@ -67,11 +68,37 @@ class NonFiniteTrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class NonFiniteEvent:
-    """Where training broke: the optimizer step (as in ``checkpoint-<step>``), what, and the value."""
+    """Where training broke: the optimizer step (as in ``checkpoint-<step>``), what, the value, and
+    the batch that produced it.
+
+    ``batch`` holds ``(rank, sample ids)`` for each process whose batch it was: the micro-batch whose
+    loss was non-finite (``scope="micro-batch"``), or all micro-batches of the step when only the
+    step's gradients or logged values tell (``scope="step"``). Without ids (batches that carry
+    none) it is empty on one process and names the ranks alone on several.
+    """
 
     step: int
     what: str
     value: float
+    batch: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    scope: str = "micro-batch"
+    world_size: int = 1
+
+    @property
+    def sample_ids(self) -> tuple[str, ...]:
+        """The ids of every named sample, in rank then batch order."""
+        return tuple(sample for _, ids in self.batch for sample in ids)
+
+    def _batch_text(self) -> str:
+        what = "the micro-batch" if self.scope == "micro-batch" else "the step's batch"
+        parts = []
+        for rank, ids in self.batch:
+            where = f" on process {rank} of {self.world_size}" if self.world_size > 1 else ""
+            if ids:
+                parts.append(f"{what}{where} held samples {', '.join(repr(i) for i in ids)}")
+            elif where:
+                parts.append(where.strip())
+        return f" ({'; '.join(parts)})" if parts else ""
 
     def message(self, last_checkpoint_step: int | None) -> str:
         latest = (
@@ -80,9 +107,9 @@ class NonFiniteEvent:
             else "no checkpoint had been written before it"
         )
         return (
-            f"training stopped at step {self.step}: {self.what} is {self.value}. No checkpoint was written at "
-            f"or after step {self.step}; {latest}. Try a lower --learning_rate, a longer warmup, bf16 instead "
-            "of fp16, or check the data with `vidlora check`."
+            f"training stopped at step {self.step}: {self.what} is {self.value}{self._batch_text()}. No "
+            f"checkpoint was written at or after step {self.step}; {latest}. Try a lower --learning_rate, a "
+            "longer warmup, bf16 instead of fp16, or check the data with `vidlora check`."
         )
 
 
@@ -102,18 +129,26 @@ class NonFiniteStop(TrainerCallback):
     waiting in a collective.
 
     The micro-batch losses of an optimizer step are folded into a device-side flag (and the first
-    non-finite value) and read once, before that step's optimizer update, together with the
-    gradient norm: the first non-finite loss still names its optimizer step, without a host sync
-    per micro-batch.
+    non-finite value and its micro-batch's index) and read once, before that step's optimizer
+    update, together with the gradient norm: the first non-finite loss still names its optimizer
+    step and its micro-batch, without a host sync per micro-batch. The sample ids of each
+    micro-batch (the batch's :data:`~vidlora.data.collate.SAMPLE_IDS`) are kept on the host; on a
+    hit, every rank gathers the failing ranks' ids (one object all-gather, on the failure path
+    only), so the message names the same samples on every process.
     """
 
     def __init__(self, check_gradients: bool = True) -> None:
         self.check_gradients = check_gradients
         self.event: NonFiniteEvent | None = None
         self.last_checkpoint_step: int | None = None
-        # Since the last optimizer step: any non-finite micro-batch loss, and the first such value.
+        # Since the last optimizer step: any non-finite micro-batch loss, the first such value and
+        # its micro-batch's index (device tensors), and each micro-batch's sample ids (host).
         self._loss_bad: torch.Tensor | None = None
         self._loss_value: torch.Tensor | None = None
+        self._bad_index: torch.Tensor | None = None
+        self._micro_ids: list[tuple[str, ...]] = []
+        # The previous optimizer step's sample ids, for values that arrive in its logs.
+        self._step_ids: tuple[str, ...] = ()
 
     @property
     def failed(self) -> bool:
@@ -135,15 +170,19 @@ class NonFiniteStop(TrainerCallback):
         """Fold one micro-batch loss into the optimizer step's flag (on the loss's device, no sync)."""
         if self.event is not None:
             return
+        index = len(self._micro_ids)
+        self._micro_ids.append(tuple(str(i) for i in inputs.get(SAMPLE_IDS) or ()))
         value = (
             loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         )
         bad = ~torch.isfinite(value)
-        if self._loss_bad is None or self._loss_value is None:
+        if self._loss_bad is None or self._loss_value is None or self._bad_index is None:
             self._loss_bad, self._loss_value = bad, value
+            self._bad_index = torch.zeros((), dtype=torch.long, device=value.device)
             return
-        # Keep the first non-finite value of the step.
+        # Keep the first non-finite value of the step, and the index of its micro-batch.
         self._loss_value = torch.where(self._loss_bad, self._loss_value, value.to(self._loss_value.device))
+        self._bad_index = torch.where(self._loss_bad, self._bad_index, index)
         self._loss_bad = self._loss_bad | bad.to(self._loss_bad.device)
 
     def on_pre_optimizer_step(
@@ -154,7 +193,10 @@ class NonFiniteStop(TrainerCallback):
         nan = torch.tensor(math.nan, device=device)
         loss_bad = torch.tensor(False, device=device) if self._loss_bad is None else self._loss_bad.to(device)
         loss_value = nan if self._loss_value is None else self._loss_value.to(device)
-        self._loss_bad = self._loss_value = None
+        bad_index = torch.zeros((), device=device) if self._bad_index is None else self._bad_index.to(device)
+        micro_ids, self._micro_ids = self._micro_ids, []
+        self._step_ids = tuple(sample for ids in micro_ids for sample in ids)
+        self._loss_bad = self._loss_value = self._bad_index = None
         local_norm = None
         if self.check_gradients and kwargs.get("model") is not None:
             local_norm = _local_grad_norm(kwargs["model"])
@@ -165,17 +207,17 @@ class NonFiniteStop(TrainerCallback):
             grad_bad = ~torch.isfinite(norm)
         flag = _all_reduce((loss_bad | grad_bad).float().reshape(1), "max")
         # The one host read of this optimizer step.
-        any_bad, local_loss_bad, loss_float, local_grad_bad, norm_float = torch.stack(
-            [flag[0], loss_bad.float(), loss_value, grad_bad.float(), norm]
+        any_bad, local_loss_bad, loss_float, index_float, local_grad_bad, norm_float = torch.stack(
+            [flag[0], loss_bad.float(), loss_value, bad_index.float(), grad_bad.float(), norm]
         ).tolist()
         if any_bad > 0 and self.event is None:
+            local: _Report | None = None
             if local_loss_bad:
-                self.event = NonFiniteEvent(step, "the training loss", loss_float)
+                ids = micro_ids[int(index_float)] if micro_ids else ()
+                local = _Report("the training loss", loss_float, ids, "micro-batch")
             elif local_grad_bad:
-                self.event = NonFiniteEvent(step, "the gradient norm", norm_float)
-            else:
-                # Another rank saw it: stop here too, and name the step all ranks agree on.
-                self.event = NonFiniteEvent(step, "the loss or gradient on another process", math.nan)
+                local = _Report("the gradient norm", norm_float, self._step_ids, "step")
+            self.event = _event(step, _gather_reports(local))
             logger.error(self.event.message(self.last_checkpoint_step))
         self._enforce(control)
 
@@ -187,12 +229,14 @@ class NonFiniteStop(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        # Logs are reduced over ranks already, so every rank reaches the same verdict.
+        # Logs are reduced over ranks already, so every rank reaches the same verdict (and joins
+        # the gather of every rank's ids of the step: the value says nothing about which batch).
         if self.event is None:
             for key, what in (("loss", "the logged training loss"), ("grad_norm", "the gradient norm")):
                 value = (logs or {}).get(key)
                 if value is not None and not math.isfinite(float(value)):
-                    self.event = NonFiniteEvent(state.global_step, what, float(value))
+                    report = _Report(what, float(value), self._step_ids, "step")
+                    self.event = _event(state.global_step, _gather_reports(report))
                     logger.error(self.event.message(self.last_checkpoint_step))
                     break
         self._enforce(control)
@@ -223,6 +267,41 @@ class NonFiniteStop(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.last_checkpoint_step = state.global_step
+
+
+@dataclass(frozen=True)
+class _Report:
+    """One process's view of a non-finite value: what, the value, its batch's sample ids."""
+
+    what: str
+    value: float
+    sample_ids: tuple[str, ...]
+    scope: str
+
+
+def _gather_reports(local: _Report | None) -> list[tuple[int, _Report]]:
+    """``(rank, report)`` of every process that has one; every rank must call this at the same point
+    (it runs only once a run has failed, so its object all-gather costs nothing in normal steps)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[_Report | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        return [(rank, report) for rank, report in enumerate(gathered) if report is not None]
+    return [] if local is None else [(0, local)]
+
+
+def _event(step: int, reports: list[tuple[int, _Report]]) -> NonFiniteEvent:
+    """The event every rank records: the first failing rank's value, every failing rank's batch."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not reports:  # cannot happen when the verdicts were all-reduced; keep the step named anyway
+        return NonFiniteEvent(step, "the loss or gradient on another process", math.nan, world_size=world)
+    first = reports[0][1]
+    # Without ids (batches that carry none) the rank alone still says where, with several.
+    batch = tuple((rank, report.sample_ids) for rank, report in reports if report.sample_ids or world > 1)
+    return NonFiniteEvent(step, first.what, first.value, batch, first.scope, world)
 
 
 def _local_grad_norm(model: torch.nn.Module) -> torch.Tensor | None:

@@ -272,7 +272,8 @@ def build_trainer(
         args=train_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=MultimodalCollator(pad_token_id=loaded.tokenizer.pad_token_id),
+        # The sample ids ride along so a non-finite loss names its batch (the Trainer pops them).
+        data_collator=MultimodalCollator(pad_token_id=loaded.tokenizer.pad_token_id, keep_ids=True),
         processing_class=loaded.tokenizer,
         callbacks=[*callbacks, *extra_callbacks],
         record=run_record(model_args, data_args, train_args, processor),

@@ -8,6 +8,7 @@ strategies, DeepSpeed and resume — is the Trainer's own machinery.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,24 @@ from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ExportableState
 
-from vidlora.checkpoint import NON_LORA_FILE, RunRecord, load_trainables, write_record, write_trainables
+from vidlora.checkpoint import (
+    ADAPTER_WEIGHTS,
+    NON_LORA_FILE,
+    RunRecord,
+    load_trainables,
+    write_record,
+    write_trainables,
+)
+from vidlora.data.collate import SAMPLE_IDS
 from vidlora.data.sampler import ModalityLengthGroupedSampler
 from vidlora.errors import NotFoundError
+from vidlora.model.safetensors_check import check_safetensors
 from vidlora.training.callbacks import observe_micro_batch
 from vidlora.training.run_dir import CHECKPOINT_PREFIX, partial_dir, rotate_checkpoints, seal_checkpoint
 
 PROJECTOR_NAME = "mm_projector"
+
+logger = logging.getLogger("vidlora.training")
 
 
 class VidloraTrainer(Trainer):
@@ -57,14 +69,19 @@ class VidloraTrainer(Trainer):
         adding exactly zero for a modality the batch lacks), as the original does for text-only
         samples: the projector gets a (zero) gradient in text-only steps on one process exactly as
         under DeepSpeed, and the ranks of a multi-process job run the same modules every step
-        (ZeRO-3 gathers parameters collectively). No KV cache is built while training."""
-        inputs = {**inputs, "run_all_towers": True, "use_cache": False}
+        (ZeRO-3 gathers parameters collectively). No KV cache is built while training. The batch's
+        sample ids are not a model input: they stay in ``training_step``'s batch for the callbacks."""
+        inputs = {
+            **{k: v for k, v in inputs.items() if k != SAMPLE_IDS},
+            "run_all_towers": True,
+            "use_cache": False,
+        }
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # -- per micro-batch observation --------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The stock step, then hand the raw loss and labels to the callbacks that watch them
-        (non-finite losses hidden by `logging_nan_inf_filter`, trained-token counts)."""
+        """The stock step, then hand the raw loss, labels and sample ids to the callbacks that watch
+        them (non-finite losses hidden by `logging_nan_inf_filter`, naming the batch; trained-token counts)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         observe_micro_batch(self.callback_handler.callbacks, self.state, inputs, loss)
         return loss
@@ -197,8 +214,76 @@ class VidloraTrainer(Trainer):
             if not projector_file.is_file():
                 raise NotFoundError(f"cannot resume projector pre-training: {projector_file} is missing")
         else:
+            adapter = Path(resume_from_checkpoint) / ADAPTER_WEIGHTS
+            if adapter.is_file():
+                check_safetensors(adapter)  # the Trainer (PEFT) reads it next, unchecked
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_trainables(target, projector_file)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resume the optimizer's moments and the schedule's position, under this run's settings.
+
+        The stock load also restores the checkpoint's param-group settings (learning rate, weight
+        decay, betas) and the scheduler's base rates, so a rerun with a lower ``--learning_rate``
+        after a divergence would silently keep the old one. What the flags decide is put back
+        after the load, and every change is logged.
+        """
+        groups = [] if self.optimizer is None else self.optimizer.param_groups
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        fresh_base_lrs = list(getattr(self.lr_scheduler, "base_lrs", None) or [])
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.optimizer is None:
+            return
+        changes = reapply_run_settings(self.optimizer, self.lr_scheduler, fresh, fresh_base_lrs)
+        if changes and self.args.should_log:
+            logger.warning(
+                "resuming from %s with this run's settings, not the checkpoint's: %s",
+                checkpoint,
+                "; ".join(changes),
+            )
+
+
+def reapply_run_settings(
+    optimizer: Any, scheduler: Any, fresh: list[dict[str, Any]], fresh_base_lrs: list[float]
+) -> list[str]:
+    """Put this run's param-group settings (``fresh``: the groups as built, before a resume load)
+    and base learning rates back into a loaded optimizer and LambdaLR-style scheduler; returns
+    one line per changed setting ("group 0: learning rate 0.0002 -> 0.0001").
+
+    The current learning rate becomes the new base rate times the schedule's factor at the
+    resumed step (every Trainer schedule is a LambdaLR: ``lr = base * lambda(step)``).
+    """
+    changes: list[str] = []
+    groups = optimizer.param_groups
+    if len(groups) != len(fresh):
+        return [f"the checkpoint's optimizer has {len(groups)} parameter groups, this run {len(fresh)}"]
+    for index, (group, want) in enumerate(zip(groups, fresh, strict=True)):
+        for key, value in want.items():
+            if key in ("lr", "initial_lr") or _same_setting(group.get(key), value):
+                continue
+            changes.append(f"group {index}: {key} {group.get(key)} -> {value}")
+            group[key] = value
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    loaded_base_lrs = list(getattr(scheduler, "base_lrs", None) or [])
+    if lambdas is None or len(loaded_base_lrs) != len(fresh_base_lrs) or len(lambdas) != len(groups):
+        return changes
+    for index, (old, new) in enumerate(zip(loaded_base_lrs, fresh_base_lrs, strict=True)):
+        if old != new:
+            changes.append(f"group {index}: learning rate {old} -> {new}")
+    scheduler.base_lrs = fresh_base_lrs
+    # LambdaLR.get_lr() warns outside step(); its formula, at the resumed step:
+    current = [base * fn(scheduler.last_epoch) for base, fn in zip(fresh_base_lrs, lambdas, strict=True)]
+    for group, base, lr in zip(groups, fresh_base_lrs, current, strict=True):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = current
+    return changes
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    # A tuple (betas) comes back from a checkpoint as a list or a tuple.
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
 
 
 def trains_projector_only(model: torch.nn.Module) -> bool:
