@@ -10,9 +10,11 @@ process, which imports this module by name (the watchdog hands it the parent's `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,19 @@ def raise_a_bug(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A reader with a bug in it (not a bad file)."""
     raise KeyError("a bug, not a bad file")
+
+
+@contextlib.contextmanager
+def bounded(seconds: float, what: str) -> Iterator[None]:
+    """Fail with TimeoutError if the block runs longer than ``seconds`` (it would have hung)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{what} did not finish within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
