@@ -1,9 +1,17 @@
-"""Collate: padding values and sides, attention masks, media stacked in row order."""
+"""Collate: padding values and sides, attention masks, media stacked in row order, unreadable items
+left out and listed, a stand-in row when none is left."""
 
 import pytest
 import torch
 
-from vidlora.data.collate import IGNORE_INDEX, MultimodalCollator, pad_sequences
+from vidlora.data.collate import (
+    BAD_SAMPLE_KEY,
+    BAD_SAMPLES_KEY,
+    IGNORE_INDEX,
+    MultimodalCollator,
+    pad_sequences,
+)
+from vidlora.data.dataset import ProblemKind, SampleProblem
 
 
 def _item(ids, labels, videos=0, images=0, tag=0, sample_id="x"):
@@ -45,6 +53,34 @@ def test_media_stacked_in_row_order():
     assert batch["pixel_values_videos"][:, 0, 0, 0, 0].tolist() == [1.0, 4.0]
     assert batch["pixel_values_images"].shape == (3, 3, 4, 4)
     assert batch["pixel_values_images"][:, 0, 0, 0].tolist() == [2.0, 2.0, 4.0]
+
+
+def _failed(sample_id: str) -> dict:
+    problem = SampleProblem(
+        ProblemKind.UNREADABLE_MEDIA, "truncated", sample_id, 3, "t.json", f"{sample_id}.mp4"
+    )
+    return {"id": sample_id, BAD_SAMPLE_KEY: problem}
+
+
+def test_unreadable_items_are_left_out_and_listed():
+    items = [_item([1, 5], [-100, 5], videos=1, tag=1, sample_id="a"), _failed("b"),
+             _item([1, 7, 8], [-100, 7, 8], videos=1, tag=3, sample_id="c"), _failed("d")]  # fmt: skip
+    batch = MultimodalCollator(pad_token_id=0, keep_ids=True)(items)
+    assert batch["input_ids"].tolist() == [[1, 5, 0], [1, 7, 8]]
+    assert batch["labels"].tolist() == [[-100, 5, IGNORE_INDEX], [-100, 7, 8]]
+    assert batch["pixel_values_videos"][:, 0, 0, 0, 0].tolist() == [1.0, 3.0]  # a's and c's only
+    assert batch["ids"] == ["a", "c"]
+    assert [p.sample_id for p in batch[BAD_SAMPLES_KEY]] == ["b", "d"]
+    assert batch[BAD_SAMPLES_KEY][0] == items[1][BAD_SAMPLE_KEY]
+    assert BAD_SAMPLES_KEY not in MultimodalCollator(pad_token_id=0)([items[0]])
+
+
+def test_a_batch_of_unreadable_items_becomes_one_row_that_trains_nothing():
+    batch = MultimodalCollator(pad_token_id=9)([_failed("a"), _failed("b")])
+    assert batch["input_ids"].tolist() == [[9]] and batch["attention_mask"].tolist() == [[1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX]]
+    assert "pixel_values_videos" not in batch and "pixel_values_images" not in batch
+    assert [p.sample_id for p in batch[BAD_SAMPLES_KEY]] == ["a", "b"]
 
 
 def test_errors():

@@ -1,13 +1,18 @@
 """SupervisedDataset: item shapes/dtypes per modality, signed expanded lengths, decode errors that
-name the sample, counted skips, and a deterministic disjoint eval split."""
+name the sample (raised, or marked for the trainer), counted skips, and a deterministic disjoint eval
+split."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from misbehaving_decoders import CRASH, STUCK, bounded, mark, read_video_or_misbehave
+from vidlora.data.collate import BAD_SAMPLE_KEY
 from vidlora.data.dataset import (
     BadSamplesError,
     MediaFolders,
@@ -24,6 +29,7 @@ from vidlora.data.synthetic import pick_h264_encoder, write_video
 from vidlora.data.templates import get_template
 from vidlora.data.tokenize import MediaTokenCounts
 from vidlora.data.transforms import PixelSpec, preprocess_image, preprocess_video
+from vidlora.data.watchdog import DecodeWatchdog
 from vidlora.model.tokenizer import build_tiny_tokenizer
 
 COUNTS = MediaTokenCounts(image=4, video=12)  # 4 frames x 3 tokens: tiny, and not equal to T
@@ -174,6 +180,84 @@ def test_decode_failure_names_sample_index_and_file(tokenizer, data_dir):
         assert str(data_dir / "videos/text.mp4") in message and "vidlora check" in message
         assert info.value.problem.kind is ProblemKind.UNREADABLE_MEDIA
         assert info.value.problem.sample_id == "notavideo" and info.value.problem.index == 1
+
+
+def _own_copy(data_dir, tmp_path):
+    """A private copy of the module's media (these tests damage files) and its records."""
+    root = tmp_path / "media"
+    shutil.copytree(data_dir / "videos", root / "videos")
+    shutil.copytree(data_dir / "images", root / "images")
+    return root, load_records(_write(root, "train.json", CLEAN))
+
+
+def test_a_file_damaged_after_construction_is_marked_not_substituted(tokenizer, data_dir, tmp_path):
+    root, records = _own_copy(data_dir, tmp_path)
+    marking = _dataset(records, tokenizer, root, mark_failed_items=True)
+    raising = _dataset(records, tokenizer, root)
+    clean = {k: marking[k] for k in range(4)}
+    video = root / "videos/a.mp4"
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 2])  # truncated after the check
+    item = marking[0]
+    assert sorted(item) == ["bad_sample", "id"] and item["id"] == "v"  # no pixels, no stand-in sample
+    problem = item[BAD_SAMPLE_KEY]
+    assert (problem.sample_id, problem.index, problem.source, problem.file) == (
+        "v",
+        0,
+        str(root / "train.json"),
+        str(video),
+    )
+    # (mp4 keeps its index at the end: cut in half, FFmpeg cannot open it at all)
+    assert problem.kind is ProblemKind.UNREADABLE_MEDIA and problem.reason.startswith("not a readable video")
+    with pytest.raises(SampleError) as info:
+        raising[0]
+    assert info.value.problem == problem
+    # The other samples read as before, at the same positions.
+    for k in (1, 2, 3):
+        for key, value in clean[k].items():
+            assert torch.equal(marking[k][key], value) if torch.is_tensor(value) else marking[k][key] == value
+    # A file replaced by a FIFO (whose read would block FFmpeg forever) is refused before it is opened.
+    os.remove(video)
+    os.mkfifo(video)
+    with bounded(30, "reading a FIFO"):
+        problem = marking[0][BAD_SAMPLE_KEY]
+    assert problem.kind is ProblemKind.NOT_A_FILE and problem.reason == "not a regular file"
+
+
+def test_stuck_and_crashed_decoders_cost_their_sample_only(tokenizer, data_dir, tmp_path):
+    root, records = _own_copy(data_dir, tmp_path)
+    in_process = _dataset(records, tokenizer, root)
+    watched = _dataset(
+        records,
+        tokenizer,
+        root,
+        video_reader=DecodeWatchdog(read_video_or_misbehave),
+        decode_timeout=1.0,
+        mark_failed_items=True,
+    )
+    try:
+        for k in range(4):  # the same pixels as decoding in this process
+            for key, value in in_process[k].items():
+                assert (
+                    torch.equal(watched[k][key], value)
+                    if torch.is_tensor(value)
+                    else watched[k][key] == value
+                )
+        mark(root / "videos/a.mp4", STUCK)
+        mark(root / "videos/b.mp4", CRASH)
+        with bounded(60, "two misbehaving decodes"):
+            stuck, crashed = watched[0][BAD_SAMPLE_KEY], watched[2][BAD_SAMPLE_KEY]
+        assert (stuck.sample_id, stuck.kind, stuck.file) == (
+            "v",
+            ProblemKind.DECODE_TIMEOUT,
+            str(root / "videos/a.mp4"),
+        )
+        assert "timeout_s=1.0" in stuck.reason
+        assert (crashed.sample_id, crashed.kind) == ("vi", ProblemKind.DECODER_CRASHED)
+        assert "SIGSEGV" in crashed.reason
+        assert torch.equal(watched[1]["pixel_values_images"], in_process[1]["pixel_values_images"])
+        assert watched.video_reader.replaced == 2
+    finally:
+        watched.video_reader.close()
 
 
 def test_skip_bad_samples_counts_and_lists_them(tokenizer, data_dir, tmp_path):

@@ -13,11 +13,17 @@ Construction is eager for everything cheap and lazy for decoding:
 Bad samples. Without ``skip_bad_samples`` any problem found at construction raises
 :class:`BadSamplesError` listing every problem (sample id, record file, media file, reason).
 With it, those samples are dropped and listed in :attr:`SupervisedDataset.skipped`. A file that
-exists but cannot be decoded is only found in ``__getitem__``; dropping a sample there would
-change the epoch's length and batch composition mid-run (and silently substituting another
-sample, as the original did, trains on data nobody asked for), so a decode failure *always*
-raises :class:`SampleError` naming the sample id, its index, the record file and the media file,
-with the advice to run ``vidlora check`` — which decodes every sample up front and lists them all.
+exists but cannot be decoded (truncated since, an unreadable stream, a decode over
+``decode_timeout``, a crashed decoder) is only found in ``__getitem__``. There the dataset never
+substitutes another sample (the original did, training on data nobody asked for) nor returns
+fewer frames: it raises :class:`SampleError` naming the sample id, its index, the record file and
+the media file, or, with ``mark_failed_items`` (training), returns the problem as a marker item
+that the collator leaves out of its batch, so that the training loop, in the main process, stops
+with that error or skips and counts the sample (``--skip_bad_samples``, up to
+``--max_bad_sample_fraction``; :class:`~vidlora.training.callbacks.BadSampleGuard`). The epoch's
+length and every other sample's place in it stay as they were. Training reads videos through
+:class:`~vidlora.data.watchdog.DecodeWatchdog`, so a decoder stuck inside FFmpeg or crashing
+costs that one sample too. ``vidlora check`` decodes every sample up front and lists them all.
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from vidlora.data.collate import BAD_SAMPLE_KEY
 from vidlora.data.frame_cache import FrameCache, image_pixels, video_pixels
-from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, MediaError
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, MediaError, VideoReader, read_video
 from vidlora.data.processor import Processor
 from vidlora.data.records import RecordError, Sample, read_records, resolve_media
 from vidlora.data.tokenize import TokenizationError
+from vidlora.data.watchdog import DecoderCrashed
 from vidlora.errors import UsageError, VidloraError
 
 ADVICE = "run `vidlora check` with the same arguments to list every unreadable sample before training"
@@ -57,6 +65,7 @@ class ProblemKind(str, Enum):
     NOT_A_FILE = "not_a_file"  # a directory or special file where media was expected
     UNREADABLE_MEDIA = "unreadable_media"  # truncated, corrupt, or not a video/image at all
     DECODE_TIMEOUT = "decode_timeout"
+    DECODER_CRASHED = "decoder_crashed"  # the decoder process died reading the file (e.g. a crash in FFmpeg)
     TOKENIZATION = "tokenization"  # template does not fit, or a length limit would cut media / all answers
     DUPLICATE_ID = "duplicate_id"  # only with duplicate_ids="error"
     DISABLED_MODALITY = "disabled_modality"  # a video/image sample while --X does not enable that modality
@@ -107,6 +116,13 @@ class SampleProblem:
             "kind": self.kind.value,
             "reason": self.reason,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SampleProblem:
+        """The problem :meth:`to_dict` wrote (extra keys are ignored)."""
+        return cls(
+            ProblemKind(data["kind"]), data["reason"], data["id"], data["index"], data["source"], data["file"]
+        )
 
 
 class SampleError(VidloraError, ValueError):
@@ -191,6 +207,8 @@ def classify_media_error(path: Path, exc: BaseException) -> tuple[ProblemKind, s
     reason = reason[len(prefix) :] if reason.startswith(prefix) else reason
     if isinstance(exc, TimeoutError):
         return ProblemKind.DECODE_TIMEOUT, reason
+    if isinstance(exc, DecoderCrashed):
+        return ProblemKind.DECODER_CRASHED, reason
     found = stat_problem(path)
     return (found[0] if found is not None else ProblemKind.UNREADABLE_MEDIA), reason
 
@@ -352,6 +370,10 @@ class SupervisedDataset(Dataset):
             time; a file that fails to decode fails exactly as without it.
         prepared: the samples already validated and tokenized (:func:`prepare_samples`, e.g. by
             rank 0 of a launch); None prepares them here.
+        video_reader: what decodes a video's frames: :func:`~vidlora.data.media.read_video` in this
+            process, or a :class:`~vidlora.data.watchdog.DecodeWatchdog` (training's default).
+        mark_failed_items: return ``{"id", BAD_SAMPLE_KEY: SampleProblem}`` for a sample that
+            cannot be read instead of raising :class:`SampleError` (see the module docstring).
 
     Raises:
         BadSamplesError: problems found and ``skip_bad_samples`` is off.
@@ -370,8 +392,12 @@ class SupervisedDataset(Dataset):
         prior_problems: Sequence[SampleProblem] = (),
         frame_cache: FrameCache | None = None,
         prepared: Sequence[PreparedSample] | None = None,
+        video_reader: VideoReader = read_video,
+        mark_failed_items: bool = False,
     ) -> None:
         self.processor = processor
+        self.video_reader = video_reader
+        self.mark_failed_items = mark_failed_items
         self.frame_cache = frame_cache
         self.tokenizer = tokenizer
         self.folders = folders
@@ -426,6 +452,14 @@ class SupervisedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self._entries[index]
+        try:
+            return self._item(entry)
+        except SampleError as err:
+            if not self.mark_failed_items:
+                raise
+            return {"id": entry.sample.id, BAD_SAMPLE_KEY: err.problem}
+
+    def _item(self, entry: PreparedSample) -> dict[str, Any]:
         sample = entry.sample
         # Tokenised again here: deterministic and cheap, and keeping expanded ids for every sample
         # would cost gigabytes on a 7B-sized data set (2056 ids per video).
@@ -447,7 +481,9 @@ class SupervisedDataset(Dataset):
         return item
 
     def _load_video(self, path: Path) -> torch.Tensor:
-        return video_pixels(self.processor, path, self.frame_cache, timeout_s=self.decode_timeout)
+        return video_pixels(
+            self.processor, path, self.frame_cache, timeout_s=self.decode_timeout, read=self.video_reader
+        )
 
     def _load_image(self, path: Path) -> torch.Tensor:
         return image_pixels(self.processor, path, self.frame_cache)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from vidlora.data.media import DEFAULT_DECODE_TIMEOUT
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, VideoReader, read_video
 from vidlora.errors import UsageError, VidloraError
 
 if TYPE_CHECKING:
@@ -195,11 +195,16 @@ class FrameCache:
     # -- lookups ---------------------------------------------------------------------------
 
     def load_video(
-        self, processor: Processor, path: str | Path, *, timeout_s: float = DEFAULT_DECODE_TIMEOUT
+        self,
+        processor: Processor,
+        path: str | Path,
+        *,
+        timeout_s: float = DEFAULT_DECODE_TIMEOUT,
+        read: VideoReader = read_video,
     ) -> torch.Tensor:
         """:meth:`Processor.load_video` through the cache."""
         return self.get(
-            path, "video", processor, lambda: processor.load_video(path, timeout_s=timeout_s)
+            path, "video", processor, lambda: processor.load_video(path, timeout_s=timeout_s, read=read)
         ).pixels
 
     def load_image(self, processor: Processor, path: str | Path) -> torch.Tensor:
@@ -362,11 +367,13 @@ def video_pixels(
     cache: FrameCache | None,
     *,
     timeout_s: float = DEFAULT_DECODE_TIMEOUT,
+    read: VideoReader = read_video,
 ) -> torch.Tensor:
-    """:meth:`Processor.load_video`, through ``cache`` when there is one (training, check, predict)."""
+    """:meth:`Processor.load_video`, through ``cache`` when there is one (training, check, predict);
+    ``read`` decodes on a miss."""
     if cache is None:
-        return processor.load_video(path, timeout_s=timeout_s)
-    return cache.load_video(processor, path, timeout_s=timeout_s)
+        return processor.load_video(path, timeout_s=timeout_s, read=read)
+    return cache.load_video(processor, path, timeout_s=timeout_s, read=read)
 
 
 def image_pixels(processor: Processor, path: str | Path, cache: FrameCache | None) -> torch.Tensor:

@@ -16,7 +16,8 @@ decodes as a valid bitstream cannot be detected by any decoder and is not.
 
 Time limit: ``timeout_s`` is checked between packets and frames, and PyAV's own I/O timeout
 interrupts blocking reads. A decoder stuck inside one FFmpeg call cannot be interrupted from
-Python; a hard guarantee needs a process boundary (a DataLoader worker with a timeout).
+Python: training therefore reads through :class:`~vidlora.data.watchdog.DecodeWatchdog`, which runs
+:func:`read_video` in a child process and kills it at the limit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Protocol
 
 import av
 import numpy as np
@@ -42,6 +44,15 @@ DEFAULT_DECODE_TIMEOUT = 60.0
 
 class MediaError(VidloraError, ValueError):
     """A media file is missing, empty, corrupt or unsupported; the message names the file and the reason."""
+
+
+class VideoReader(Protocol):
+    """What reads a video's sampled frames: :func:`read_video`, or a
+    :class:`~vidlora.data.watchdog.DecodeWatchdog` running it in a watched process."""
+
+    def __call__(
+        self, path: str | os.PathLike[str], num_frames: int = ..., *, timeout_s: float = ...
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, read_image, read_video
+from vidlora.data.media import DEFAULT_DECODE_TIMEOUT, VideoReader, read_image, read_video
 from vidlora.data.records import Sample
 from vidlora.data.templates import Message, get_template
 from vidlora.data.tokenize import MediaTokenCounts, TokenizedSample, tokenize_prompt, tokenize_sample
@@ -204,11 +204,14 @@ class Processor:
         """Crop size and CLIP normalisation of the towers."""
         return PixelSpec(image_size=self.image_size)
 
-    def load_video(self, path: str | Path, *, timeout_s: float = DEFAULT_DECODE_TIMEOUT) -> torch.Tensor:
-        """Decode the sampled frames of one video and pre-process them: float32 ``[T, 3, S, S]``."""
+    def load_video(
+        self, path: str | Path, *, timeout_s: float = DEFAULT_DECODE_TIMEOUT, read: VideoReader = read_video
+    ) -> torch.Tensor:
+        """Decode the sampled frames of one video (with ``read``, e.g. in a watched process) and
+        pre-process them: float32 ``[T, 3, S, S]``."""
         if self.num_frames is None:
             raise UsageError(f"{path}: the model has no video tower")
-        frames, _ = read_video(path, self.num_frames, timeout_s=timeout_s)
+        frames, _ = read(path, self.num_frames, timeout_s=timeout_s)
         return preprocess_video(frames, self.pixel_spec)
 
     def load_image(self, path: str | Path) -> torch.Tensor:
