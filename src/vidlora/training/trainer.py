@@ -267,9 +267,11 @@ def reapply_run_settings(
     loaded_base_lrs = list(getattr(scheduler, "base_lrs", None) or [])
     if lambdas is None or len(loaded_base_lrs) != len(fresh_base_lrs) or len(lambdas) != len(groups):
         return changes
-    for index, (old, new) in enumerate(zip(loaded_base_lrs, fresh_base_lrs, strict=True)):
-        if old != new:
-            changes.append(f"group {index}: learning rate {old} -> {new}")
+    pairs = enumerate(zip(loaded_base_lrs, fresh_base_lrs, strict=True))
+    changed = [(index, old, new) for index, (old, new) in pairs if old != new]
+    if not changed:
+        return changes  # the resumed rates are already this run's, to the bit
+    changes += [f"group {index}: learning rate {old} -> {new}" for index, old, new in changed]
     scheduler.base_lrs = fresh_base_lrs
     # LambdaLR.get_lr() warns outside step(); its formula, at the resumed step:
     current = [base * fn(scheduler.last_epoch) for base, fn in zip(fresh_base_lrs, lambdas, strict=True)]
