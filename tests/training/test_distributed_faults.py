@@ -112,7 +112,8 @@ def test_a_rank_that_stops_answering_ends_the_other_within_ddp_timeout(tmp_path)
 
 def test_a_rank_that_dies_ends_the_other_at_once_naming_it(tmp_path):
     outcome = _run_fault(tmp_path, "dies")
-    assert "Connection closed by peer" in outcome["error"]
+    # gloo's words depend on where the read was: "Connection closed by peer" or "... reset by peer".
+    assert re.search(r"Connection (closed|reset) by peer", outcome["error"]), outcome["error"]
     assert outcome["seconds"] < FAST_TIMEOUT_S  # no waiting for the timeout: the socket closed
     assert re.fullmatch(
         r"rank 0 of 2 lost rank 1 at [\d.]+:\d+: its connection closed \(the process died or was killed\); "
