@@ -32,6 +32,19 @@ SAVED_TENSOR_FILES = ("adapter_model.safetensors", NON_LORA)
 # AdamW steps of at most lr = 2e-4 each: measured differences are ~1e-8.
 TENSOR_TOL = 1e-6
 LOSS_TOL = 1e-5
+#: Overrides of the original's flags for the torchrun (DDP) runs: a step per 2 samples (per-device batch
+#: 1 x 2 ranks; one process takes accumulation 2 for the same step), a checkpoint every 2 steps, no
+#: dropout (nothing random), no evaluation, a 30 s --ddp_timeout.
+DDP_FLAGS: dict[str, str | None] = {
+    "per_device_train_batch_size": "1",
+    "gradient_accumulation_steps": "1",
+    "evaluation_strategy": "no",
+    "lora_dropout": "0",
+    "save_steps": "2",
+    "save_total_limit": None,
+    "ddp_timeout": "30",
+    "disable_tqdm": "True",
+}
 #: Generous bound for one short 2-process launch on a busy 2-core machine; reaching it is a hang.
 LAUNCH_TIMEOUT_S = 600
 

@@ -3,8 +3,8 @@
 The test launches this same file with the ``deepspeed`` launcher; run as a script, the file is the
 worker: a tiny LLaMA built under ``zero.Init`` (after ``init_deepspeed_distributed``), LoRA on
 q/v, bf16, configs/zero3.json, the vidlora callbacks, checkpoints every 2 steps, then
-``save_model``. First start on a machine JIT-compiles DeepSpeed's shared-memory comm op
-(~35-70 s, cached in ~/.cache/torch_extensions); later starts take ~20-25 s.
+``save_model``. DeepSpeed's shared-memory comm op is JIT-compiled once per machine (~60 s; `make
+setup` does it, cached in ~/.cache/torch_extensions); a start then takes ~20-25 s.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from launch import (
+    DDP_FLAGS,
     assert_same_training,
     free_port,
     rank_pid,
@@ -37,7 +38,7 @@ from launch import (
 
 # Small on purpose: the fast tests wait it out. The launched runs use 30 s (typical values are minutes).
 FAST_TIMEOUT_S = 3
-LAUNCH_DDP_TIMEOUT_S = 30
+LAUNCH_DDP_TIMEOUT_S = int(DDP_FLAGS["ddp_timeout"] or 0)  # launch.DDP_FLAGS
 # Process start, imports and teardown on a busy 2-core machine, beyond the timeout itself.
 SLACK_S = 60
 
@@ -111,7 +112,8 @@ def test_a_rank_that_stops_answering_ends_the_other_within_ddp_timeout(tmp_path)
 
 def test_a_rank_that_dies_ends_the_other_at_once_naming_it(tmp_path):
     outcome = _run_fault(tmp_path, "dies")
-    assert "Connection closed by peer" in outcome["error"]
+    # gloo's words depend on where the read was: "Connection closed by peer" or "... reset by peer".
+    assert re.search(r"Connection (closed|reset) by peer", outcome["error"]), outcome["error"]
     assert outcome["seconds"] < FAST_TIMEOUT_S  # no waiting for the timeout: the socket closed
     assert re.fullmatch(
         r"rank 0 of 2 lost rank 1 at [\d.]+:\d+: its connection closed \(the process died or was killed\); "
@@ -132,38 +134,20 @@ def test_other_errors_are_not_taken_for_a_lost_rank():
 
 
 @pytest.fixture(scope="module")
-def fault_flags() -> dict[str, str | None]:
-    """The original's flags with a step per 2 samples (per-device batch 1 x 2 ranks), a checkpoint every
-    2 steps, nothing random (no dropout) and a 30 s --ddp_timeout."""
-    return {
-        "per_device_train_batch_size": "1",
-        "gradient_accumulation_steps": "1",
-        "evaluation_strategy": "no",
-        "lora_dropout": "0",
-        "save_steps": "2",
-        "save_total_limit": None,
-        "ddp_timeout": str(LAUNCH_DDP_TIMEOUT_S),
-        "disable_tqdm": "True",
-    }
-
-
-@pytest.fixture(scope="module")
-def one_process(original_argv, train_in_process, fault_flags, tmp_path_factory):
+def one_process(original_argv, train_in_process, tmp_path_factory):
     """The uninterrupted run in one process (accumulation 2: the same 2 samples per step)."""
     out = tmp_path_factory.mktemp("one_process")
-    trainer = train_in_process(original_argv(out, **{**fault_flags, "gradient_accumulation_steps": "2"}))
+    trainer = train_in_process(original_argv(out, **{**DDP_FLAGS, "gradient_accumulation_steps": "2"}))
     return trainer, out
 
 
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_launch_naming_it_and_the_rerun_resumes(
-    original_argv, fault_flags, one_process, tmp_path
-):
+def test_a_killed_rank_ends_the_launch_naming_it_and_the_rerun_resumes(original_argv, one_process, tmp_path):
     single, single_dir = one_process
     steps = len([e for e in single.state.log_history if "loss" in e])
     assert steps >= 6  # room to kill mid-run: 16 samples, 2 per step, grouped by modality
     out = tmp_path / "run"
-    argv = original_argv(out, **fault_flags)
+    argv = original_argv(out, **DDP_FLAGS)
     with started_launch(torchrun_command(argv), tmp_path / "killed.log") as proc:
         wait_for(out / "checkpoint-2" / "trainer_state.json", proc)
         os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
@@ -182,13 +166,11 @@ def test_a_killed_rank_ends_the_launch_naming_it_and_the_rerun_resumes(
 
 
 @pytest.mark.slow
-def test_a_stopped_node_ends_the_other_node_within_ddp_timeout_naming_the_rank(
-    original_argv, fault_flags, tmp_path
-):
+def test_a_stopped_node_ends_the_other_node_within_ddp_timeout_naming_the_rank(original_argv, tmp_path):
     # Two torchrun agents (2 nodes x 1 process); node 1's training process is stopped (SIGSTOP), as a
     # machine that vanishes without closing its connections: nothing but --ddp_timeout ends node 0.
     out = tmp_path / "run"
-    argv = original_argv(out, **fault_flags)
+    argv = original_argv(out, **DDP_FLAGS)
     port = free_port()
     nodes = [torchrun_command(argv, nproc=1, nnodes=2, node_rank=n, port=port) for n in (0, 1)]
     with (

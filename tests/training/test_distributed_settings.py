@@ -109,3 +109,15 @@ OLD = "0.18.2"
 )
 def test_zero3_on_an_older_deepspeed_checkpoints_re_entrantly(kwargs, stage, version, expected):
     assert checkpointing_kwargs(kwargs, zero_stage=stage, deepspeed_version=version) == expected
+
+
+def test_fsdp_is_refused_before_anything_loads(original_argv, tmp_path):
+    from vidlora.args import ArgumentProblems
+
+    argv = [*original_argv(tmp_path / "out"), "--fsdp", "full_shard auto_wrap"]
+    with pytest.raises(ArgumentProblems) as caught:
+        parse_train_args(argv, cuda_available=False)
+    assert caught.value.problems == [
+        "--fsdp 'full_shard auto_wrap' is not supported yet; use --deepspeed configs/zero3.json (parameters "
+        "sharded across GPUs, tested) or configs/zero2.json."
+    ]

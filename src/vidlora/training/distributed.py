@@ -108,7 +108,9 @@ def computed_on_rank_zero(compute: Callable[[], T], *, what: str) -> T:
 
 # What gloo says when a peer is gone: its connection closed or reset (the process died), or no answer
 # within the process group's timeout (it hangs, is stopped, or its machine is unreachable).
-_CLOSED = re.compile(r"Connection (?:closed|reset) by peer(?: \[?([^\]\s]+)\]?:(\d+))?|Broken pipe")
+_CLOSED = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe")
+# gloo puts the peer's address before or after those words: "Read error [127.0.0.1]:27051: ...".
+_PEER = re.compile(r"\[([^\]\s]+)\]:(\d+)")
 _TIMED_OUT = re.compile(r"Timed out waiting (\d+)ms")
 
 
@@ -130,7 +132,8 @@ def peer_lost_error(err: BaseException, output_dir: str | None = None) -> PeerLo
     others = [r for r in range(world) if r != rank]
     lost = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
     if closed:
-        where = f" at {closed.group(1)}:{closed.group(2)}" if closed.group(1) else ""
+        peer = _PEER.search(text)
+        where = f" at {peer.group(1)}:{peer.group(2)}" if peer else ""
         what = f"lost {lost}{where}: its connection closed (the process died or was killed)"
     else:
         assert timed_out is not None
