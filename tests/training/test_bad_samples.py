@@ -301,3 +301,42 @@ def test_a_stuck_decoder_without_skipping_is_a_named_decode_timeout(data, flags,
     )
     assert f"step {FRAUGHT_STEP} stopped" in str(info.value) and "timeout_s=1.0" in str(info.value)
     assert trainer.state.global_step == FRAUGHT_STEP - 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
+def test_zero3_two_processes_skip_a_sample_in_step(data, flags, tmp_path):
+    """Under `deepspeed --num_gpus 2` (ZeRO-3, CPU), per-device batch 1: the rank holding the bad sample
+    runs a stand-in row while the other trains, the collectives stay in step, the skip is counted once."""
+    from test_zero3_original_command import ZERO3, _launch_zero3
+
+    out = tmp_path / "zero3"
+    overrides = {
+        "skip_bad_samples": "True",
+        "max_bad_sample_fraction": "0.1",
+        "per_device_train_batch_size": "1",
+        "dataloader_num_workers": "1",
+        "save_strategy": "no",
+        "lora_dropout": "0",
+    }
+    # The reads the 2-rank run makes (its sampler, in this process): every one trains except the bad one.
+    probe = _build(flags(tmp_path / "probe", **overrides))
+    dataset = probe.train_dataset
+    sampler = ModalityLengthGroupedSampler(
+        dataset.modality_lengths, per_device_batch_size=1, world_size=2, grad_accum=2, seed=0
+    )
+    reads = [dataset.samples[i].id for i in sampler]
+    bad_id = "train_00009"
+    assert Counter(reads)[bad_id] == 1 and len(reads) == 20
+    _truncate(_video(data, bad_id))
+    _launch_zero3([*flags(out, **overrides), "--deepspeed", str(ZERO3)])
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    skipped = state["stateful_callbacks"][GUARD]["attributes"]["skipped"]
+    assert [(r["id"], r["kind"], r["split"]) for r in skipped] == [(bad_id, "unreadable_media", "train")]
+    history = [e for e in state["log_history"] if "loss" in e]
+    assert len(history) == STEPS and history[-1]["skipped_samples"] == 1
+    # Summed over both ranks, the run trained every read's tokens but the skipped sample's.
+    assert sum(e["trained_tokens"] for e in history) == _trained_tokens(
+        probe, [i for i in reads if i != bad_id]
+    )
