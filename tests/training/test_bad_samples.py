@@ -150,6 +150,23 @@ class RecordingCollator:
         return batch
 
 
+def test_the_flags_default_and_validate(flags, tmp_path):
+    from vidlora.args import ArgumentProblems
+
+    _, data_args, _ = parse_train_args(flags(tmp_path / "out"))
+    assert (data_args.skip_bad_samples, data_args.max_bad_sample_fraction, data_args.decode_watchdog) == (
+        False,
+        0.01,
+        True,
+    )
+    with pytest.raises(ArgumentProblems) as info:
+        parse_train_args(flags(tmp_path / "out", max_bad_sample_fraction="1.5", decode_timeout="0"))
+    assert info.value.problems == [
+        "--decode_timeout 0.0: must be positive.",
+        "--max_bad_sample_fraction 1.5: must be in [0, 1].",
+    ]
+
+
 def test_a_video_truncated_after_the_check_stops_the_run_naming_it(data, flags, tmp_path, capsys):
     from vidlora.cli import main
 
