@@ -262,6 +262,30 @@ def test_more_skips_than_the_fraction_allows_stop_the_run(data, flags, tmp_path)
     assert trainer.state.global_step == 3 and _checkpoints(out) == ["checkpoint-2"]
 
 
+def test_a_step_whose_every_sample_fails_trains_nothing_and_the_run_goes_on(data, flags, tmp_path):
+    out = tmp_path / "out"
+    step_3 = STEP_3[0] + STEP_3[1]  # train_00002 is read again at step 4: 5 skips in all
+    argv = flags(
+        out,
+        skip_bad_samples="True",
+        max_bad_sample_fraction="0.25",
+        save_strategy="no",
+        dataloader_num_workers="0",
+    )
+    trainer = _build(argv)
+    steps = _steps(trainer)
+    trainer.add_callback(TruncateOnTrainBegin(*(_video(data, i) for i in step_3)))
+    trainer.train()
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    assert trainer.state.global_step == STEPS and len(history) == STEPS
+    # Two stand-in rows: zero trained tokens, a zero loss (0 / 1, not 0 / 0 = NaN), a zero gradient.
+    assert (history[2]["trained_tokens"], history[2]["loss"], history[2]["grad_norm"]) == (0, 0.0, 0.0)
+    assert history[3]["trained_tokens"] == _trained_tokens(
+        trainer, [i for i in steps[3] if i != "train_00002"]
+    )
+    assert [e["skipped_samples"] for e in history] == [0, 0, 4, 5, 5]
+
+
 def test_a_stuck_and_a_crashed_decoder_cost_their_samples_not_the_run(data, flags, tmp_path):
     out = tmp_path / "out"
     stuck, crashed = (
