@@ -150,7 +150,14 @@ def test_the_package_benchmarks_and_scripts_unpickle_nothing_and_run_no_remote_c
         found, loads = problems_in(path.read_text(), str(path.relative_to(ROOT)))
         problems += found
         torch_loads += loads
-    assert problems == []
+    # The decode watchdog exchanges pickled messages with the child process it started itself
+    # (pipes it owns, never bytes from a file or the network): the one allowed unpickling.
+    ipc = [
+        p
+        for p in problems
+        if p.startswith("src/vidlora/data/watchdog.py:") and p.endswith("pickle.loads(...)")
+    ]
+    assert ipc and [p for p in problems if p not in ipc] == []
     assert torch_loads >= 1  # the legacy .bin reader (model/hub.py): the scan sees real calls
 
 

@@ -50,6 +50,11 @@ LORA_BIASES = ("none", "all", "lora_only")
 #: Training reads (decodes) samples in this many DataLoader worker processes by default.
 DEFAULT_DATALOADER_WORKERS = min(4, os.cpu_count() or 1)
 QUANT_BITS = (4, 8, 16)
+#: With --skip_bad_samples, training stops once more than this fraction of the samples it reads failed
+#: to read. The records were checked up front, so a file failing to decode mid-run is rare; one in a
+#: hundred points to something systematic (a truncated copy, a codec the decoder lacks, a failing
+#: disk) that silently thinning the data would hide.
+DEFAULT_MAX_BAD_SAMPLE_FRACTION = 0.01
 
 
 class ArgumentProblems(VidloraError, ValueError):
@@ -149,13 +154,34 @@ class DataArguments:
         },
     )
     skip_bad_samples: bool = field(
-        default=False, metadata={"help": "Skip (and count) unreadable samples instead of stopping."}
+        default=False,
+        metadata={
+            "help": "Skip (and count) bad samples instead of stopping: those the up-front check refuses, and "
+            "those that fail to decode during training (logged with id, file and reason, counted in the "
+            "logs and trainer_state.json)."
+        },
+    )
+    max_bad_sample_fraction: float = field(
+        default=DEFAULT_MAX_BAD_SAMPLE_FRACTION,
+        metadata={
+            "help": "With --skip_bad_samples: stop once more than this fraction of the samples the run reads "
+            "failed to decode during training (1 never stops)."
+        },
     )
     allow_media_outside_folder: bool = field(
         default=False, metadata={"help": "Allow absolute media paths and paths escaping their folder."}
     )
     decode_timeout: float = field(
         default=DEFAULT_DECODE_TIMEOUT, metadata={"help": "Seconds allowed to read one sample's media."}
+    )
+    decode_watchdog: bool = field(
+        default=True,
+        metadata={
+            "help": "Training decodes each video in a helper process that is killed and replaced after "
+            "--decode_timeout (plus 1 s), so a decoder stuck inside FFmpeg or crashing costs one sample, "
+            "not the run. False decodes in the loading process, where the timeout is only checked "
+            "between packets."
+        },
     )
     model_max_length: int = field(
         default=DEFAULT_MODEL_MAX_LENGTH,
@@ -395,6 +421,8 @@ def data_problems(
         problems.append("--tokenizer_model_max_length must be positive.")
     if data.decode_timeout <= 0:
         problems.append(f"--decode_timeout {data.decode_timeout}: must be positive.")
+    if not 0 <= data.max_bad_sample_fraction <= 1:
+        problems.append(f"--max_bad_sample_fraction {data.max_bad_sample_fraction}: must be in [0, 1].")
     return problems
 
 

@@ -1,22 +1,27 @@
-"""Callbacks on a real (tiny) Trainer run: non-finite stop, token counts, loss curve."""
+"""Callbacks on a real (tiny) Trainer run: non-finite stop, token counts, loss curve; the bad-sample
+guard's policy, budget, resume and cross-rank count."""
 
 from __future__ import annotations
 
 import logging
 import math
 import struct
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
+from vidlora.data.dataset import ProblemKind, SampleError, SampleProblem
 from vidlora.training.callbacks import (
+    BadSampleGuard,
     LossCurveWriter,
     NonFiniteEvent,
     NonFiniteStop,
     NonFiniteTrainingError,
     TokenCountLogger,
+    TooManyBadSamples,
     count_trained_tokens,
     observe_micro_batch,
 )
@@ -288,3 +293,118 @@ def test_micro_batches_are_observed_without_host_reads_and_read_once_per_optimiz
         counter.on_step_end(args, TrainerState(global_step=3), TrainerControl())
     assert reads.names == ["tolist"]
     assert counter.step_tokens == {3: 16}
+
+
+# -- samples that fail to read ------------------------------------------------------------------------
+
+
+def _problem(sample_id: str) -> SampleProblem:
+    return SampleProblem(
+        ProblemKind.UNREADABLE_MEDIA, "truncated", sample_id, 7, "d.json", f"{sample_id}.mp4"
+    )
+
+
+def _guard_args(world_size: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        world_size=world_size,
+        device=torch.device("cpu"),
+    )
+
+
+def test_bad_sample_guard_stops_by_default_and_counts_against_the_whole_run_when_skipping():
+    state, control = TrainerState(global_step=2, max_steps=5, train_batch_size=2), TrainerControl()
+    with pytest.raises(SampleError) as info:
+        BadSampleGuard(skip=False, max_fraction=1.0).observe_bad_samples(
+            state, [_problem("a"), _problem("b")], training=True
+        )
+    assert info.value.problem == _problem("a")
+    assert "step 3 stopped" in str(info.value) and "1 more sample(s) of the batch failed too: ['b']" in str(
+        info.value
+    )
+
+    guard = BadSampleGuard(skip=True, max_fraction=0.1)
+    guard.on_train_begin(_guard_args(), state, control)
+    assert guard.allowed == 2  # floor(0.1 x 5 steps x 2 x 2 reads)
+    guard.observe_bad_samples(state, [_problem("a"), _problem("b")], training=True)
+    guard.observe_bad_samples(state, [_problem("e")], training=False)  # evaluation: listed, not budgeted
+    guard.on_step_end(_guard_args(), state, control)
+    assert [(r["id"], r["split"], r["step"]) for r in guard.skipped] == [
+        ("a", "train", 3),
+        ("b", "train", 3),
+        ("e", "eval", 2),
+    ]
+    assert guard.train_skips == 2
+    assert state.stateful_callbacks["BadSampleGuard"] == guard.state()  # what trainer_state.json keeps
+    logs = {"loss": 1.0}
+    guard.on_log(_guard_args(), state, control, logs=logs)
+    assert logs["skipped_samples"] == 2
+    guard.observe_bad_samples(state, [_problem("c")], training=True)
+    with pytest.raises(
+        TooManyBadSamples, match=r"3 sample\(s\) failed .* of the 20 samples this run reads allows \(2\)"
+    ):
+        guard.on_step_end(_guard_args(), state, control)
+
+    # A resumed run's state carries the list on: the count goes on from it.
+    resumed_state = TrainerState(
+        max_steps=5, train_batch_size=2, stateful_callbacks=dict(state.stateful_callbacks)
+    )
+    resumed = BadSampleGuard(skip=True, max_fraction=0.1)
+    resumed.on_train_begin(_guard_args(), resumed_state, control)
+    assert resumed.skipped == guard.skipped and resumed.train_skips == 3
+
+
+def _guard_on_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        guard = BadSampleGuard(skip=True, max_fraction=0.1)
+        state, control = TrainerState(max_steps=5, train_batch_size=2), TrainerControl()
+        state.is_world_process_zero = rank == 0
+        guard.on_train_begin(_guard_args(2), state, control)  # 5 x 2 x 2 x 2 = 40 reads: 4 allowed
+        guard.observe_bad_samples(
+            state, [_problem("a")] if rank == 0 else [_problem("b"), _problem("c")], training=True
+        )
+        guard.on_step_end(_guard_args(2), state, control)
+        first = [r["id"] for r in guard.skipped]
+        state.global_step = 1
+        guard.on_step_end(_guard_args(2), state, control)  # nothing new on either rank: no gather
+        if rank == 1:
+            guard.observe_bad_samples(state, [_problem("d"), _problem("e")], training=True)
+        try:
+            state.global_step = 2
+            guard.on_step_end(_guard_args(2), state, control)
+            stopped = None
+        except TooManyBadSamples as err:
+            stopped = str(err).splitlines()[0]
+        results.put((rank, guard.allowed, first, stopped))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_sample_guard_sums_and_gathers_across_ranks():
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [context.Process(target=_guard_on_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    got = sorted(results.get(timeout=120) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    stop = (
+        "training stopped at step 2: 5 sample(s) failed to read and were skipped, more than "
+        "--max_bad_sample_fraction 0.1 of the 40 samples this run reads allows (4); that many points to "
+        "something beyond a few broken files (a truncated copy, a codec the decoder lacks, a failing disk). "
+        "No checkpoint was written at this step."
+    )
+    # Both ranks hold every rank's skips, in rank order, and stop at the same step.
+    assert got == [(0, 4, ["a", "b", "c"], stop), (1, 4, ["a", "b", "c"], stop)]

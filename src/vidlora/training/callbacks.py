@@ -1,4 +1,5 @@
-"""Trainer callbacks: stop on a non-finite loss or gradient, count trained tokens, draw the loss curve.
+"""Trainer callbacks: stop on a non-finite loss or gradient, stop at or skip (and count) samples that
+fail to read, count trained tokens, draw the loss curve.
 
 How the Trainer (transformers 5) lets callbacks see a step, and what that means here:
 
@@ -13,6 +14,8 @@ How the Trainer (transformers 5) lets callbacks see a step, and what that means 
   through the logs instead).
 * ``on_log`` runs inside ``_maybe_log_save_evaluate`` *before* the save of the same step, so a
   callback can still cancel that save; "grad_norm" is logged unfiltered.
+* A batch lists its samples that could not be read under ``BAD_SAMPLES_KEY``; the Trainer hands them
+  to :func:`observe_bad_samples` before the forward (training and evaluation alike).
 
 Micro-batch observations stay on the device (a flag, a count); they are read on the host once
 per optimizer step, in one transfer, so the callbacks add no device → host sync per micro-step.
@@ -25,12 +28,15 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from vidlora.data.collate import SAMPLE_IDS
+from vidlora.data.dataset import SampleError, SampleProblem
+from vidlora.errors import VidloraError
 from vidlora.training.plots import plot_loss_curve
 
 logger = logging.getLogger("vidlora.training")
@@ -48,6 +54,30 @@ def observe_micro_batch(
         observe = getattr(callback, "observe_micro_batch", None)
         if observe is not None:
             observe(state, inputs, loss)
+
+
+def observe_bad_samples(
+    callbacks: Iterable[TrainerCallback],
+    state: TrainerState,
+    problems: list[SampleProblem],
+    *,
+    training: bool,
+) -> bool:
+    """Hand the problems of a batch's unreadable samples to the callbacks that handle them; call from
+    the Trainer before the forward. Returns False when no callback does (the caller must then stop)."""
+    handled = False
+    for callback in callbacks:
+        observe = getattr(callback, "observe_bad_samples", None)
+        if observe is not None:
+            observe(state, problems, training=training)
+            handled = True
+    return handled
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _all_reduce(value: torch.Tensor, op: str) -> torch.Tensor:
@@ -312,6 +342,181 @@ def _local_grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
         return None
     # NaN/inf in any gradient makes the total norm NaN/inf.
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
+
+# -- samples that fail to read during training --------------------------------------------------------
+
+
+def _stateful(state: TrainerState) -> dict[str, Any]:
+    """``state.stateful_callbacks``: typed as a list of callbacks, a dict of their states once the state exists."""
+    if not isinstance(state.stateful_callbacks, dict):
+        state.stateful_callbacks = cast("Any", {})
+    return cast("dict[str, Any]", state.stateful_callbacks)
+
+
+class TooManyBadSamples(VidloraError, ValueError):
+    """More samples failed to read than ``--max_bad_sample_fraction`` allows; the message lists them."""
+
+
+#: How many skipped samples an error message lists.
+SHOWN_SKIPS = 20
+
+
+class BadSampleGuard(TrainerCallback, ExportableState):
+    """Stop at a sample that fails to read during training, or skip and count it (``--skip_bad_samples``).
+
+    Failing to read means a decode error, a decode over ``--decode_timeout`` or a crashed decoder
+    (the dataset's ``mark_failed_items``). Without ``skip`` the first such sample raises its
+    :class:`SampleError` (id, index, record file, media file, reason) before the forward of its
+    micro-batch, so no optimizer step and no checkpoint come after it: the latest checkpoint is the
+    last good one. With ``skip`` each skip is logged once (id, file, reason, step) and recorded;
+    every training log entry carries ``skipped_samples`` (the run's count so far, all processes), and
+    ``trainer_state.json`` the list (``stateful_callbacks``), so a resumed run continues the count.
+    Once more than ``max_fraction`` of the samples the run reads (``max_steps`` x the global batch)
+    were skipped, :class:`TooManyBadSamples` is raised at the end of that optimizer step, before
+    its save. The budget is over the whole run rather than the samples read so far: a ratio over
+    the first few samples would stop a run whose first sample is bad. Skips in evaluation are
+    logged and listed (``split`` "eval") but count towards no budget.
+
+    Under several processes each rank sees its own skips; their number is summed once per optimizer
+    step and evaluation (one scalar all-reduce) and, when not zero, the records are gathered, so every
+    rank holds the same list and stops at the same step.
+    """
+
+    def __init__(self, skip: bool, max_fraction: float) -> None:
+        self.skip = skip
+        self.max_fraction = max_fraction
+        #: Every skip of the run (all ranks): the problem's fields plus ``split`` and ``step``.
+        self.skipped: list[dict[str, Any]] = []
+        #: Skips allowed in training (known once training starts).
+        self.allowed: int | None = None
+        self._planned = 0
+        self._pending: list[dict[str, Any]] = []  # this rank's skips not yet gathered
+
+    @property
+    def train_skips(self) -> int:
+        """Samples skipped in training so far (every rank's, as gathered)."""
+        return sum(1 for record in self.skipped if record["split"] == "train")
+
+    def state(self) -> dict[str, Any]:
+        """What ``trainer_state.json`` keeps (ExportableState)."""
+        return {
+            "args": {"skip": self.skip, "max_fraction": self.max_fraction},
+            "attributes": {"skipped": list(self.skipped)},
+        }
+
+    def observe_bad_samples(
+        self, state: TrainerState, problems: list[SampleProblem], *, training: bool
+    ) -> None:
+        """Stop (no ``skip``) or record the problems of one batch's unreadable samples."""
+        step = state.global_step + 1 if training else state.global_step
+        where = f"step {step}" if training else f"evaluation at step {step}"
+        if not self.skip:
+            others = [p.sample_id for p in problems[1:]]
+            more = f"; {len(others)} more sample(s) of the batch failed too: {others}" if others else ""
+            raise SampleError(
+                problems[0],
+                f"{where} stopped: no optimizer step or checkpoint was made after this sample, so the latest "
+                "checkpoint is the last good one. Fix or replace the file, pass --skip_bad_samples True to "
+                "skip (and count) such samples, or run `vidlora check` with the same arguments to list "
+                f"every unreadable sample{more}",
+            )
+        split = "train" if training else "eval"
+        for problem in problems:
+            logger.warning("%s: skipped sample %s (--skip_bad_samples)", where, problem.format())
+            self._pending.append({**problem.to_dict(), "split": split, "step": step})
+
+    # -- events -------------------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        saved = _stateful(state).get(type(self).__name__)
+        if isinstance(saved, dict):  # a resumed run: the count goes on from the checkpoint's list
+            self.skipped = list(saved.get("attributes", {}).get("skipped", self.skipped))
+        batch = state.train_batch_size or args.per_device_train_batch_size
+        self._planned = state.max_steps * batch * args.gradient_accumulation_steps * max(1, args.world_size)
+        self.allowed = math.floor(self.max_fraction * self._planned)
+        self._publish(state)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._gather(args, state) and self.allowed is not None and self.train_skips > self.allowed:
+            raise TooManyBadSamples(self._too_many_message(state.global_step))
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._gather(args, state)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._gather(args, state)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not self.skip or logs is None or not ("loss" in logs or "train_loss" in logs):
+            return
+        logs["skipped_samples"] = self.train_skips
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["skipped_samples"] = self.train_skips
+
+    # -- internals ----------------------------------------------------------------------------
+    def _gather(self, args: TrainingArguments, state: TrainerState) -> bool:
+        """Move every rank's pending skips into ``skipped`` (collective); True when there were any."""
+        world = _world_size()
+        if world > 1:
+            total = _all_reduce(torch.tensor([float(len(self._pending))], device=args.device), "sum")
+            if int(total.item()) == 0:
+                return False
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, self._pending)
+            new = [record for part in parts for record in part]
+        elif self._pending:
+            new = self._pending
+        else:
+            return False
+        self._pending = []
+        self.skipped.extend(new)
+        self._publish(state)
+        if state.is_world_process_zero:
+            logger.warning(
+                "%d sample(s) skipped in training so far; the run stops after more than %s (--max_bad_sample_"
+                "fraction %s of the %d samples it reads)",
+                self.train_skips,
+                self.allowed,
+                self.max_fraction,
+                self._planned,
+            )
+        return True
+
+    def _publish(self, state: TrainerState) -> None:
+        # Checkpoints refresh stateful_callbacks themselves; the final save_state() does not.
+        _stateful(state)[type(self).__name__] = self.state()
+
+    def _too_many_message(self, step: int) -> str:
+        train = [r for r in self.skipped if r["split"] == "train"]
+        lines = [f"  - step {r['step']}: {SampleProblem.from_dict(r).format()}" for r in train[:SHOWN_SKIPS]]
+        if len(train) > SHOWN_SKIPS:
+            lines.append(f"  ... and {len(train) - SHOWN_SKIPS} more")
+        return (
+            f"training stopped at step {step}: {len(train)} sample(s) failed to read and were skipped, more "
+            f"than --max_bad_sample_fraction {self.max_fraction} of the {self._planned} samples this run reads "
+            f"allows ({self.allowed}); that many points to something beyond a few broken files (a truncated "
+            "copy, a codec the decoder lacks, a failing disk). No checkpoint was written at this step.\n"
+            + "\n".join(lines)
+            + "\nRun `vidlora check` with the same arguments to list every unreadable sample, fix them, "
+            "or raise --max_bad_sample_fraction."
+        )
 
 
 # -- trained-token counting ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from vidlora.data.dataset import (
     train_eval_split,
 )
 from vidlora.data.frame_cache import FrameCache
+from vidlora.data.media import VideoReader, read_video
 from vidlora.data.processor import Processor
 from vidlora.data.records import Sample
 from vidlora.errors import UsageError
@@ -150,8 +151,16 @@ def build_datasets(
     processor: Processor,
     tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[SupervisedDataset, SupervisedDataset | None]:
-    """Training dataset and (optionally) evaluation dataset, all records validated up front."""
+    """Training dataset and (optionally) evaluation dataset, all records validated up front.
+
+    Videos are read through a :class:`~vidlora.data.watchdog.DecodeWatchdog` (``--decode_watchdog``);
+    a sample that fails to read comes back as a marker for the Trainer's
+    :class:`~vidlora.training.callbacks.BadSampleGuard` to stop at or skip, in the main process.
+    """
+    from vidlora.data.watchdog import DecodeWatchdog
+
     frame_cache = FrameCache.from_flag(data_args.frame_cache)
+    video_reader: VideoReader = DecodeWatchdog() if data_args.decode_watchdog else read_video
 
     folders = media_folders(data_args)
     # Sets up the process group of a torchrun launch (DeepSpeed's is up already), so that rank 0
@@ -174,6 +183,8 @@ def build_datasets(
             prior_problems=problems,
             frame_cache=frame_cache,
             prepared=prepared,
+            video_reader=video_reader,
+            mark_failed_items=True,
         )
 
     assert data_args.data_path, "parse_train_args requires --data_path"
@@ -253,7 +264,7 @@ def build_trainer(
     from transformers import set_seed
 
     from vidlora.data.collate import MultimodalCollator
-    from vidlora.training.callbacks import LossCurveWriter, NonFiniteStop, TokenCountLogger
+    from vidlora.training.callbacks import BadSampleGuard, LossCurveWriter, NonFiniteStop, TokenCountLogger
     from vidlora.training.distributed import init_deepspeed_distributed
     from vidlora.training.trainer import VidloraTrainer
 
@@ -266,7 +277,10 @@ def build_trainer(
     if train_args.should_log:
         print(trainable_report(model), file=sys.stderr)
     nonfinite = NonFiniteStop() if train_args.stop_on_nonfinite else None
-    callbacks = [c for c in (nonfinite, TokenCountLogger(), LossCurveWriter()) if c is not None]
+    callbacks: list[TrainerCallback] = [
+        c for c in (nonfinite, TokenCountLogger(), LossCurveWriter()) if c is not None
+    ]
+    callbacks.append(BadSampleGuard(data_args.skip_bad_samples, data_args.max_bad_sample_fraction))
     trainer = (trainer_cls or VidloraTrainer)(
         model=model,
         args=train_args,

@@ -26,11 +26,12 @@ from vidlora.checkpoint import (
     write_record,
     write_trainables,
 )
-from vidlora.data.collate import SAMPLE_IDS
+from vidlora.data.collate import BAD_SAMPLES_KEY, SAMPLE_IDS
+from vidlora.data.dataset import SampleError
 from vidlora.data.sampler import ModalityLengthGroupedSampler
 from vidlora.errors import NotFoundError
 from vidlora.model.safetensors_check import check_safetensors
-from vidlora.training.callbacks import observe_micro_batch
+from vidlora.training.callbacks import observe_bad_samples, observe_micro_batch
 from vidlora.training.run_dir import CHECKPOINT_PREFIX, partial_dir, rotate_checkpoints, seal_checkpoint
 
 PROJECTOR_NAME = "mm_projector"
@@ -69,19 +70,30 @@ class VidloraTrainer(Trainer):
         adding exactly zero for a modality the batch lacks), as the original does for text-only
         samples: the projector gets a (zero) gradient in text-only steps on one process exactly as
         under DeepSpeed, and the ranks of a multi-process job run the same modules every step
-        (ZeRO-3 gathers parameters collectively). No KV cache is built while training. The batch's
-        sample ids are not a model input: they stay in ``training_step``'s batch for the callbacks."""
-        inputs = {
-            **{k: v for k, v in inputs.items() if k != SAMPLE_IDS},
-            "run_all_towers": True,
-            "use_cache": False,
-        }
+        (ZeRO-3 gathers parameters collectively). No KV cache is built while training.
+
+        The batch's unreadable samples (``BAD_SAMPLES_KEY``, never a model input) go to the callbacks
+        first, which stop the run or skip them; with no callback to decide, the run stops. The
+        sample ids are not a model input either: they stay in ``training_step``'s batch for the callbacks."""
+        bad = inputs.get(BAD_SAMPLES_KEY)
+        callbacks = self.callback_handler.callbacks
+        if bad and not observe_bad_samples(callbacks, self.state, bad, training=model.training):
+            raise SampleError(bad[0])
+        inputs = {k: v for k, v in inputs.items() if k not in (BAD_SAMPLES_KEY, SAMPLE_IDS)}
+        inputs = {**inputs, "run_all_towers": True, "use_cache": False}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # -- per micro-batch observation --------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The stock step, then hand the raw loss, labels and sample ids to the callbacks that watch
-        them (non-finite losses hidden by `logging_nan_inf_filter`, naming the batch; trained-token counts)."""
+        """The stock step, then hand the raw loss, labels and sample ids to the callbacks that watch them
+        (non-finite losses hidden by `logging_nan_inf_filter`, naming the batch; trained-token counts).
+
+        An optimizer step left without a trained token (every sample of it skipped) divides its zero
+        loss sum by 1, not 0: its forwards and backwards run (collectives stay in step) and add zero."""
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.clamp(min=1)
+        elif num_items_in_batch is not None:
+            num_items_in_batch = max(num_items_in_batch, 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
         observe_micro_batch(self.callback_handler.callbacks, self.state, inputs, loss)
         return loss
