@@ -35,6 +35,7 @@ from launch import (
     torchrun_command,
     wait_for,
 )
+from vidlora.training.run_dir import partial_dir, seal_checkpoint
 
 # Small on purpose: the fast tests wait it out. The launched runs use 30 s (typical values are minutes).
 FAST_TIMEOUT_S = 3
@@ -80,8 +81,12 @@ def _rank(rank: int, port: int, out_dir: str, fault: str) -> None:
 
 
 def _run_fault(tmp_path: Path, fault: str) -> dict:
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-10").mkdir()  # the newest by step, not by name
+    for step in (2, 10, 12):  # checkpoint-10 is the newest complete one by step, not by name
+        partial = partial_dir(tmp_path, step)
+        partial.mkdir()
+        (partial / "trainer_state.json").write_text("{}")
+        if step != 12:  # checkpoint-12's kill came mid-save: never offered
+            seal_checkpoint(partial, tmp_path / f"checkpoint-{step}", step, world_size=2)
     context = multiprocessing.get_context("spawn")
     port = free_port()
     procs = [context.Process(target=_rank, args=(rank, port, str(tmp_path), fault)) for rank in range(2)]

@@ -150,8 +150,10 @@ def peer_lost_error(err: BaseException, output_dir: str | None = None) -> PeerLo
 
 
 def _last_checkpoint(output_dir: str | None) -> str | None:
-    if not output_dir or not Path(output_dir).is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint a rerun would resume (the newest *complete* one), as the message promises."""
+    from vidlora.training.run_dir import scan_checkpoints
 
-    return get_last_checkpoint(output_dir)
+    if not output_dir:
+        return None
+    latest = scan_checkpoints(Path(output_dir)).latest
+    return None if latest is None else str(latest)

@@ -223,14 +223,17 @@ def load_model_and_data(
 
 
 def run_record(
-    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, processor: Processor
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    processor: Processor,
+    arguments: dict[str, Any] | None = None,
 ) -> RunRecord:
-    """What every checkpoint of this run records: the base to load, the processor, the arguments."""
-    return RunRecord(
-        base=base_model(model_args),
-        processor=processor,
-        training=run_arguments(model_args, data_args, train_args),
-    )
+    """What every checkpoint of this run records: the base to load, the processor, the arguments
+    (``arguments``: :func:`run_arguments`' result when the caller has it already)."""
+    if arguments is None:
+        arguments = run_arguments(model_args, data_args, train_args)
+    return RunRecord(base=base_model(model_args), processor=processor, training=arguments)
 
 
 def run_arguments(
@@ -238,10 +241,11 @@ def run_arguments(
 ) -> dict[str, Any]:
     """The arguments a checkpoint records, with the run's identity (model, data by content, recipe)
     that a rerun is compared with."""
-    model = {**asdict(model_args), **asdict(base_model(model_args))}  # local paths made absolute
+    given = asdict(model_args)
+    model = {**given, **asdict(base_model(model_args))}  # local paths made absolute
     data, training = asdict(data_args), train_args.to_dict()
     return {
-        "model_args": asdict(model_args),
+        "model_args": given,
         "data_args": data,
         "training_args": training,
         "identity": run_identity(model, data, training),
@@ -256,11 +260,12 @@ def build_trainer(
     trainer_cls: type[VidloraTrainer] | None = None,
     extra_callbacks: Sequence[TrainerCallback] = (),
     loaded: LoadedModel | None = None,
+    arguments: dict[str, Any] | None = None,
 ) -> tuple[VidloraTrainer, NonFiniteStop | None]:
     """Model, data and the Trainer exactly as `vidlora train` runs them; returns the Trainer and the
     non-finite watch (None when ``--stop_on_nonfinite False``). ``trainer_cls`` (a subclass),
     ``extra_callbacks`` and ``loaded`` (a model built elsewhere) let `vidlora bench` observe the
-    very same loop."""
+    very same loop; ``arguments`` is the run's recorded arguments (:func:`plan_run` has them)."""
     from transformers import set_seed
 
     from vidlora.data.collate import MultimodalCollator
@@ -290,44 +295,47 @@ def build_trainer(
         data_collator=MultimodalCollator(pad_token_id=loaded.tokenizer.pad_token_id, keep_ids=True),
         processing_class=loaded.tokenizer,
         callbacks=[*callbacks, *extra_callbacks],
-        record=run_record(model_args, data_args, train_args, processor),
+        record=run_record(model_args, data_args, train_args, processor, arguments),
     )
     return trainer, nonfinite
 
 
 def plan_run(
     model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments
-) -> ResumePlan:
+) -> tuple[ResumePlan, dict[str, Any]]:
     """Where this run starts (:func:`~vidlora.training.run_dir.plan_resume`), decided on rank 0 of a
-    launch and handed to every rank; its messages are printed once."""
+    launch and handed to every rank with the run's arguments (:func:`run_arguments`: the record
+    files are hashed once, there); its messages are printed once."""
     from vidlora.training.distributed import init_deepspeed_distributed
 
     # The process group must be up for the ranks to agree: DeepSpeed's, or torchrun's (world_size).
     init_deepspeed_distributed(train_args.deepspeed, train_args.ddp_timeout)
     train_args.world_size  # noqa: B018
-    assert train_args.output_dir is not None  # TrainingArguments.__post_init__ fills in a default
-    plan = computed_on_rank_zero(
-        lambda: plan_resume(
+
+    def plan() -> tuple[ResumePlan, dict[str, Any]]:
+        arguments = run_arguments(model_args, data_args, train_args)
+        decided = plan_resume(
             Path(train_args.output_dir or "."),
             resume_from_checkpoint=train_args.resume_from_checkpoint,
             overwrite_output_dir=train_args.overwrite_output_dir,
-            current=run_arguments(model_args, data_args, train_args),
-        ),
-        what=f"reading {train_args.output_dir}",
-    )
+            current=arguments,
+        )
+        return decided, arguments
+
+    decided, arguments = computed_on_rank_zero(plan, what=f"reading {train_args.output_dir}")
     if train_args.should_log:
-        for message in plan.messages:
+        for message in decided.messages:
             print(f"vidlora train: {message}", file=sys.stderr)
-    return plan
+    return decided, arguments
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
     """Train, continuing the run in ``output_dir`` when there is one; returns the Trainer (its state
     holds the log history), or None when ``output_dir`` holds this run finished already."""
-    plan = plan_run(model_args, data_args, train_args)
+    plan, arguments = plan_run(model_args, data_args, train_args)
     if plan.finished:
         return None
-    trainer, nonfinite = build_trainer(model_args, data_args, train_args)
+    trainer, nonfinite = build_trainer(model_args, data_args, train_args, arguments=arguments)
     trainer.train(resume_from_checkpoint=plan.checkpoint)
     if nonfinite is not None:
         # Before the final save: the broken weights must not overwrite the last good checkpoint.

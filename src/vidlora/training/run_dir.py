@@ -23,14 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from vidlora.checkpoint import RECORD_FILE
 from vidlora.errors import AlreadyExistsError, NotFoundError, UsageError, VidloraError
 from vidlora.jsonl import write_text_atomic
 
-CHECKPOINT_PREFIX = "checkpoint"
+CHECKPOINT_PREFIX = PREFIX_CHECKPOINT_DIR
 PARTIAL_PREFIX = ".partial-"
 COMPLETE_MARKER = "vidlora_complete.json"
 FINISHED_FILE = "vidlora_finished.json"
-RECORD_FILE = "vidlora_config.json"  # vidlora.checkpoint.RECORD_FILE; read here as plain JSON
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
