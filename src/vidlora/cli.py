@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vidlora.demo", "synth data, score, fine-tune the tiny model, score again"),
     "chat": ("vidlora.infer.chat", "interactive chat about a video or image"),
     "predict": ("vidlora.infer.predict", "batched generation over a dataset"),
+    "serve": ("vidlora.serve.app", "an OpenAI-compatible API (text, images, video; several adapters)"),
     "merge": ("vidlora.infer.merge", "merge a LoRA checkpoint into its base model"),
     "eval": ("vidlora.eval.score", "score predictions (exact match, judge protocol)"),
     "cache": ("vidlora.cache", "decode and pre-process every video/image once into a frame cache"),

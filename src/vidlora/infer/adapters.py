@@ -67,6 +67,12 @@ class ModelSet:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def parent_of(self, name: str) -> str | None:
+        """The served name of the base an adapter runs on; None for the base itself."""
+        if self._entries[self._known(name)].adapter is None:
+            return None
+        return next((n for n, e in self._entries.items() if e.adapter is None), None)
+
     def path_of(self, name: str) -> str:
         return self._entries[self._known(name)].path
 
