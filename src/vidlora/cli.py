@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Packages of the optional extras, by the extra that installs them.
+EXTRAS: dict[str, str] = {"fastapi": "serve", "uvicorn": "serve", "gradio": "webui"}
+
+
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: vidlora <command> [options]", "", "commands:"]
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if err.name and (err.name == module_name or module_name.startswith(err.name + ".")):
             print(f"vidlora: the {name!r} command is not available in this version", file=sys.stderr)
+            return 2
+        extra = EXTRAS.get((err.name or "").split(".")[0])
+        if extra is not None:
+            print(f"vidlora {name} needs {err.name}: pip install 'vidlora[{extra}]'", file=sys.stderr)
             return 2
         raise
     return run_command(name, module.main, rest)

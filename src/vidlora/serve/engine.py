@@ -115,10 +115,10 @@ class Engine:
 
         def on_text(piece: str) -> None:
             if pieces is not None:
-                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+                _call_in(loop, pieces.put_nowait, piece)
 
         def on_done(result: Completion | BaseException) -> None:
-            loop.call_soon_threadsafe(settle, result)
+            _call_in(loop, settle, result)
 
         job = Job(
             model,
@@ -193,6 +193,14 @@ class Engine:
             return
         for job, completion in zip(batch, completions, strict=True):
             job.on_done(completion)
+
+
+def _call_in(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args) -> None:
+    """Run ``callback`` on ``loop``'s thread, unless that loop has closed (its client is gone)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop closed between the check and the call
+        pass
 
 
 def _call(callback: Callable[[str], None] | None, piece: str) -> None:
