@@ -93,3 +93,10 @@ def test_an_adapter_of_another_base_is_refused(checkpoints, tmp_path):
     (other / RECORD_FILE).write_text(json.dumps(record))
     with pytest.raises(UsageError, match=r"trained on someone/else-7B.*one server shares one base"):
         ModelSet.load(str(first), adapters={"o": str(other)}, device="cpu", dtype="float32")
+
+
+def test_a_base_model_alone_is_served_without_peft(requests_):
+    models = ModelSet.load("tiny", device="cpu", dtype="float32")
+    assert models.names == ["tiny"] and models.parent_of("tiny") is None
+    with models.use("tiny") as generator:
+        assert _answers(generator, requests_) == _answers(Generator(load_for_inference("tiny")), requests_)

@@ -96,7 +96,8 @@ class ModelSet:
         return name
 
     def _switch(self, entry: _Entry) -> None:
-        if hasattr(self.model, "set_adapter"):  # a PeftModel: the bare base runs with its adapters off
+        if any(e.adapter is not None for e in self._entries.values()):  # a PeftModel
+            # The bare base runs with every adapter off.
             if entry.adapter is None:
                 self.model.base_model.disable_adapter_layers()
             else:
