@@ -10,6 +10,7 @@ stopped mid-generation, and an exception in one batch fails that batch's request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -197,10 +198,8 @@ class Engine:
 
 def _call_in(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args) -> None:
     """Run ``callback`` on ``loop``'s thread, unless that loop has closed (its client is gone)."""
-    try:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
         loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # the loop closed between the check and the call
-        pass
 
 
 def _call(callback: Callable[[str], None] | None, piece: str) -> None:
