@@ -320,3 +320,21 @@ def test_the_command_serves_a_video_question_streamed_and_not(checkpoints, media
         assert plain and streamed == plain
         assert _ask(client, message, model="a").choices[0].message.content != plain
     assert "vidlora serve: a, base, second at http://127.0.0.1:" in (tmp_path / "serve.log").read_text()
+
+
+def test_a_symlink_out_of_the_allowed_folder_is_refused(models, media, tmp_path):
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(_video(media).read_bytes())
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "link.mp4").symlink_to(outside)
+    with serving_app(create_app(models, ServeSettings(media=MediaPolicy(allowed_dir=allowed)))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        for path in (
+            "link.mp4",
+            str(allowed / "link.mp4"),
+            f"file://{allowed}/link.mp4",
+            f"file://{outside}",
+        ):
+            status, body = _error(lambda p=path: _ask(client, _video_message(p)))
+            assert (status, body["code"]) == (403, "media_not_allowed"), path
