@@ -87,6 +87,10 @@ def create_app(models, settings: ServeSettings, *, max_batch_size: int = 8, max_
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return error(RequestError(str(err.detail), status=err.status_code, kind=kind))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, err: Exception):
+        return error(RequestError(f"internal error: {err!r}", status=500, kind="server_error"))
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, err: RequestValidationError):
         return error(RequestError(str(err.errors()[0].get("msg", err)), status=400))
@@ -121,8 +125,24 @@ def create_app(models, settings: ServeSettings, *, max_batch_size: int = 8, max_
         name = _model_name(models, name)
         return protocol.model_object(name, parents[name])
 
+    admitted = [0]  # requests between arrival and their answer (only the event loop touches it)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
+        if admitted[0] >= max_queue + max_batch_size:
+            raise RequestError(
+                f"the server is busy: {admitted[0]} requests in progress (--max_queue); retry later",
+                status=429,
+                code="queue_full",
+                kind="rate_limit_error",
+            )
+        admitted[0] += 1
+        try:
+            return await _complete(http)
+        finally:
+            admitted[0] -= 1
+
+    async def _complete(http: Request):
         body = await _read_body(http, settings.max_request_bytes)
         request = protocol.parse_request(body)
         name = _model_name(models, request.model)
@@ -140,9 +160,8 @@ def create_app(models, settings: ServeSettings, *, max_batch_size: int = 8, max_
             completion = await engine.run(name, item, sampling, timeout_s=settings.request_timeout_s)
             return protocol.completion_object(completion, model=name, id_=id_)
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        task = asyncio.create_task(
-            engine.run(name, item, sampling, timeout_s=settings.request_timeout_s, pieces=pieces)
-        )
+        waiting = engine.run(name, item, sampling, timeout_s=settings.request_timeout_s, pieces=pieces)
+        task = asyncio.create_task(waiting)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return StreamingResponse(
             _events(task, pieces, model=name, id_=id_, include_usage=include_usage),

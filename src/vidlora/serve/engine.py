@@ -14,8 +14,9 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from vidlora.infer.adapters import ModelSet
 from vidlora.infer.generate import Completion, Sampling
@@ -90,7 +91,7 @@ class Engine:
             self._pending.append(job)
             self._cond.notify_all()
 
-    async def run(
+    def run(
         self,
         model: str,
         item: dict,
@@ -98,9 +99,9 @@ class Engine:
         *,
         timeout_s: float,
         pieces: asyncio.Queue[str | None] | None = None,
-    ) -> Completion:
-        """Queue one prepared request and wait for its completion; ``pieces`` gets the streamed text,
-        then None."""
+    ) -> Coroutine[Any, Any, Completion]:
+        """Queue one prepared request now (a full queue raises here, before any response starts) and
+        return what to await for its completion; ``pieces`` gets the streamed text, then None."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Completion] = loop.create_future()
 
@@ -130,6 +131,10 @@ class Engine:
             on_done,
         )
         self.submit(job)
+        return self._wait(job, future, timeout_s)
+
+    @staticmethod
+    async def _wait(job: Job, future: asyncio.Future[Completion], timeout_s: float) -> Completion:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:
