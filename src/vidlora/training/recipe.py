@@ -26,6 +26,7 @@ from vidlora.args import (
     ModelArguments,
     TrainingArguments,
     base_model,
+    format_config,
     load_options,
     media_folders,
     processor_options,
@@ -45,9 +46,10 @@ from vidlora.data.media import VideoReader, read_video
 from vidlora.data.processor import Processor
 from vidlora.data.records import Sample
 from vidlora.errors import UsageError
+from vidlora.jsonl import write_text_atomic
 from vidlora.model.loading import LoadedModel
 from vidlora.training.distributed import computed_on_rank_zero
-from vidlora.training.run_dir import ResumePlan, mark_finished, plan_resume, run_identity
+from vidlora.training.run_dir import CONFIG_FILE, ResumePlan, mark_finished, plan_resume, run_identity
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -329,12 +331,22 @@ def plan_run(
     return decided, arguments
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    config: dict[str, Any] | None = None,
+):
     """Train, continuing the run in ``output_dir`` when there is one; returns the Trainer (its state
-    holds the log history), or None when ``output_dir`` holds this run finished already."""
+    holds the log history), or None when ``output_dir`` holds this run finished already.
+
+    ``config`` (:func:`~vidlora.args.parse_train_config`'s) is written to ``output_dir/config.yaml``
+    once the directory is known to hold this run, so `vidlora train` of that file runs it again."""
     plan, arguments = plan_run(model_args, data_args, train_args)
     if plan.finished:
         return None
+    if config is not None and train_args.process_index == 0:
+        write_text_atomic(Path(train_args.output_dir or ".") / CONFIG_FILE, format_config(config))
     trainer, nonfinite = build_trainer(model_args, data_args, train_args, arguments=arguments)
     trainer.train(resume_from_checkpoint=plan.checkpoint)
     if nonfinite is not None:

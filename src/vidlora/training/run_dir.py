@@ -34,6 +34,8 @@ PARTIAL_PREFIX = ".partial-"
 COMPLETE_MARKER = "vidlora_complete.json"
 FINISHED_FILE = "vidlora_finished.json"
 TRAINER_STATE = "trainer_state.json"
+#: The run's resolved flags as YAML (`vidlora train <output_dir>/config.yaml` runs it again).
+CONFIG_FILE = "config.yaml"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 # What may change between a run and its rerun (reported), by argument group; everything else in
