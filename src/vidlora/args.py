@@ -47,6 +47,7 @@ from vidlora.model.configuration import (
     DEFAULT_SELECT_LAYER,
     attn_implementation_problem,
 )
+from vidlora.model.lora import ALL_LINEAR
 
 #: `--X` spells the processor's modalities capitalised, as the original does.
 SUPPORTED_MODALITIES = tuple(m.capitalize() for m in MEDIA_MODALITIES)
@@ -221,6 +222,31 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_bias: str = field(default="none", metadata={"help": "none | all | lora_only."})
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: LoRA on the direction of each weight plus a trained magnitude (PEFT's)."},
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={
+            "help": "Rank-stabilized LoRA: adapters scaled by lora_alpha/sqrt(lora_r), not lora_alpha/lora_r."
+        },
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA+: the B matrices learn at --learning_rate times this (the paper suggests 16); the A "
+            "matrices at --learning_rate, the projector at --mm_projector_lr."
+        },
+    )
+    lora_target: list[str] = field(
+        default_factory=lambda: [ALL_LINEAR],
+        metadata={
+            "help": "The LLM's linear layers that get LoRA, by name (q_proj v_proj ...), or all-linear: every "
+            "one but lm_head. Never the towers or the projector.",
+            "nargs": "+",
+        },
+    )
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate."})
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "One modality per step, similar lengths together."}
@@ -459,6 +485,26 @@ def training_problems(
         problems.append(f"--lora_bias {train.lora_bias}: use one of {', '.join(LORA_BIASES)}.")
     if train.lora_enable and train.lora_r < 1:
         problems.append(f"--lora_r {train.lora_r}: must be at least 1.")
+    targets = list(train.lora_target)
+    if ALL_LINEAR in targets and len(targets) > 1:
+        problems.append(
+            f"--lora_target {' '.join(targets)}: {ALL_LINEAR} already means every linear layer of the LLM; "
+            "give it alone, or only layer names."
+        )
+    if train.loraplus_lr_ratio is not None and train.loraplus_lr_ratio <= 0:
+        problems.append(f"--loraplus_lr_ratio {train.loraplus_lr_ratio}: must be positive (16 is usual).")
+    variants = [
+        flag
+        for flag, given in (
+            ("--use_dora True", train.use_dora),
+            ("--use_rslora True", train.use_rslora),
+            (f"--loraplus_lr_ratio {train.loraplus_lr_ratio}", train.loraplus_lr_ratio is not None),
+            (f"--lora_target {' '.join(targets)}", targets != [ALL_LINEAR]),
+        )
+        if given
+    ]
+    if variants and not train.lora_enable:
+        problems.append(f"{', '.join(variants)}: LoRA settings, which need --lora_enable True.")
     if getattr(train, "use_liger_kernel", False):
         problems.append(
             "--use_liger_kernel True is not supported: Liger patches transformers' LLaMA classes process-wide "

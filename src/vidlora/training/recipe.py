@@ -124,7 +124,14 @@ def apply_training_recipe(
         # One of LORA_BIASES: parse_train_args rejects anything else (training_problems).
         bias = cast("LoraBias", train_args.lora_bias)
         lora_config = build_lora_config(
-            model, train_args.lora_r, train_args.lora_alpha, train_args.lora_dropout, bias
+            model,
+            train_args.lora_r,
+            train_args.lora_alpha,
+            train_args.lora_dropout,
+            bias,
+            targets=train_args.lora_target,
+            use_dora=train_args.use_dora,
+            use_rslora=train_args.use_rslora,
         )
     base = model
     trained = apply_recipe(base, lora_config, train_llm=train_llm)
