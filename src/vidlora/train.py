@@ -24,12 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     model_args, data_args, train_args, config = parse_train_config(argv)
     from vidlora.training.callbacks import NonFiniteTrainingError
     from vidlora.training.distributed import peer_lost_error
-    from vidlora.training.recipe import run
+    from vidlora.training.recipe import run, summary_line
 
     assert train_args.output_dir is not None  # TrainingArguments.__post_init__ fills in a default
     Path(train_args.output_dir).mkdir(parents=True, exist_ok=True)
     try:
-        run(model_args, data_args, train_args, config)
+        trainer = run(model_args, data_args, train_args, config)
+        if train_args.process_index == 0:
+            print(summary_line(Path(train_args.output_dir), trainer))
     except NonFiniteTrainingError as err:
         print(f"vidlora train: {err}", file=sys.stderr)
         return 1

@@ -49,7 +49,15 @@ from vidlora.errors import UsageError
 from vidlora.jsonl import write_text_atomic
 from vidlora.model.loading import LoadedModel
 from vidlora.training.distributed import computed_on_rank_zero
-from vidlora.training.run_dir import CONFIG_FILE, ResumePlan, mark_finished, plan_resume, run_identity
+from vidlora.training.run_dir import (
+    CONFIG_FILE,
+    ResumePlan,
+    finished_step,
+    mark_finished,
+    plan_resume,
+    run_identity,
+    scan_checkpoints,
+)
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -278,7 +286,13 @@ def build_trainer(
     from transformers import set_seed
 
     from vidlora.data.collate import MultimodalCollator
-    from vidlora.training.callbacks import BadSampleGuard, LossCurveWriter, NonFiniteStop, TokenCountLogger
+    from vidlora.training.callbacks import (
+        BadSampleGuard,
+        DataWaitLogger,
+        LossCurveWriter,
+        NonFiniteStop,
+        TokenCountLogger,
+    )
     from vidlora.training.distributed import init_deepspeed_distributed
     from vidlora.training.trainer import VidloraTrainer
 
@@ -292,7 +306,7 @@ def build_trainer(
         print(trainable_report(model), file=sys.stderr)
     nonfinite = NonFiniteStop() if train_args.stop_on_nonfinite else None
     callbacks: list[TrainerCallback] = [
-        c for c in (nonfinite, TokenCountLogger(), LossCurveWriter()) if c is not None
+        c for c in (nonfinite, TokenCountLogger(), DataWaitLogger(), LossCurveWriter()) if c is not None
     ]
     callbacks.append(BadSampleGuard(data_args.skip_bad_samples, data_args.max_bad_sample_fraction))
     trainer = (trainer_cls or VidloraTrainer)(
@@ -364,3 +378,23 @@ def run(
     if trainer.args.should_save:
         mark_finished(Path(train_args.output_dir or "."), trainer.state.global_step)
     return trainer
+
+
+def summary_line(output_dir: Path, trainer: VidloraTrainer | None) -> str:
+    """What `vidlora train` ends with: steps, speed, final loss and where the checkpoints are
+    (``trainer``: :func:`run`'s result, None when the run was finished already)."""
+    latest = scan_checkpoints(output_dir).latest
+    where = f"checkpoints in {output_dir}/ (latest {latest})" if latest else f"saved in {output_dir}/"
+    if trainer is None:
+        return f"vidlora train: finished already at step {finished_step(output_dir)}, {where}"
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    speed = next(
+        (e["train_samples_per_second"] for e in reversed(history) if "train_samples_per_second" in e), None
+    )
+    parts = [f"{trainer.state.global_step} steps"]
+    if speed is not None:
+        parts.append(f"{speed:.3g} samples/s")
+    if losses:
+        parts.append(f"final loss {losses[-1]:.3f}")
+    return f"vidlora train: {', '.join(parts)}, {where}"

@@ -468,13 +468,18 @@ def _state_step(checkpoint: Path) -> int | None:
         return checkpoint_step(checkpoint)
 
 
-def _finished_note(output_dir: Path) -> str:
+def finished_step(output_dir: Path) -> int | None:
+    """The step a finished run in ``output_dir`` ended at (None: not finished, or unreadable)."""
     try:
-        step = json.loads((output_dir / FINISHED_FILE).read_text())["global_step"]
+        return int(json.loads((output_dir / FINISHED_FILE).read_text())["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
-        step = "?"
+        return None
+
+
+def _finished_note(output_dir: Path) -> str:
+    step = finished_step(output_dir)
     return (
-        f"{output_dir} holds this run, finished at step {step}: nothing to do (pass --overwrite_output_dir True "
+        f"{output_dir} holds this run, finished at step {'?' if step is None else step}: nothing to do (pass --overwrite_output_dir True "
         "to train it again, or change a setting such as --num_train_epochs to continue it)"
     )
 

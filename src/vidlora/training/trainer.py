@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,12 @@ from vidlora.data.sampler import ModalityLengthGroupedSampler
 from vidlora.errors import NotFoundError
 from vidlora.model.lora import LORA_MARKER
 from vidlora.model.safetensors_check import check_safetensors
-from vidlora.training.callbacks import observe_bad_samples, observe_micro_batch
+from vidlora.training.callbacks import (
+    extend_logs,
+    observe_bad_samples,
+    observe_data_wait,
+    observe_micro_batch,
+)
 from vidlora.training.run_dir import CHECKPOINT_PREFIX, partial_dir, rotate_checkpoints, seal_checkpoint
 
 PROJECTOR_NAME = "mm_projector"
@@ -98,6 +104,20 @@ class VidloraTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         observe_micro_batch(self.callback_handler.callbacks, self.state, inputs, loss)
         return loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The stock fetch of one optimizer step's batches, timed for the callbacks that log the wait
+        (it includes the Trainer's token count across ranks, a small collective)."""
+        began = time.perf_counter()
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        observe_data_wait(self.callback_handler.callbacks, time.perf_counter() - began)
+        return batches, num_items
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Our callbacks' values (trained tokens, data wait, skips) join the entry before the stock
+        log records it and hands it to TensorBoard / W&B."""
+        extend_logs(self.callback_handler.callbacks, self.args, self.state, logs)
+        super().log(logs, start_time)
 
     # -- optimizer --------------------------------------------------------------------------
     def create_optimizer(self, model=None):
