@@ -48,6 +48,10 @@ from vidlora.model.configuration import (
     attn_implementation_problem,
 )
 from vidlora.model.lora import ALL_LINEAR
+from vidlora.quiet import quiet_imports
+
+with quiet_imports():  # transformers' TrainingArguments imports PEFT, which imports bitsandbytes
+    from transformers import TrainingArguments as HfTrainingArguments
 
 #: `--X` spells the processor's modalities capitalised, as the original does.
 SUPPORTED_MODALITIES = tuple(m.capitalize() for m in MEDIA_MODALITIES)
@@ -213,7 +217,7 @@ class DataArguments:
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
+class TrainingArguments(HfTrainingArguments):
     bits: int = field(default=16, metadata={"help": "16, or 4/8 for QLoRA (the LLM only is quantized)."})
     double_quant: bool = field(default=True, metadata={"help": "QLoRA double quantization."})
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from vidlora.errors import UsageError
+from vidlora.quiet import quiet_imports
 
 if TYPE_CHECKING:  # peft (and bitsandbytes under it) takes seconds to import; `vidlora info` never needs it
     from peft import LoraConfig, PeftModel
@@ -117,7 +118,8 @@ def build_lora_config(
 ) -> LoraConfig:
     """The original recipe's LoRA config (task CAUSAL_LM) on ``model``'s LLM (:func:`lora_target_modules`);
     PEFT saves every setting in ``adapter_config.json``, which is what inference and merge read back."""
-    from peft import LoraConfig
+    with quiet_imports():
+        from peft import LoraConfig
 
     if r <= 0:
         raise ValueError(f"lora_r must be positive, got {r}")
@@ -178,7 +180,8 @@ def apply_recipe(model: nn.Module, lora_config: LoraConfig | None, *, train_llm:
         llm.requires_grad_(train_llm)
         projector.requires_grad_(True)
         return model
-    from peft import get_peft_model
+    with quiet_imports():
+        from peft import get_peft_model
 
     with quiet_peft():
         peft_model: PeftModel = get_peft_model(model, lora_config)

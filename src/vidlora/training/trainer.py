@@ -15,9 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
-from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_callback import ExportableState
+
+from vidlora.quiet import quiet_imports
+
+with quiet_imports():  # transformers' Trainer imports PEFT, which imports bitsandbytes
+    from transformers import Trainer
+    from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+    from transformers.trainer_callback import ExportableState
 
 from vidlora.checkpoint import (
     ADAPTER_WEIGHTS,
@@ -55,7 +59,8 @@ class VidloraTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, record: RunRecord, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        with quiet_imports():  # it unwraps the model with accelerate, which imports DeepSpeed when installed
+            super().__init__(*args, **kwargs)
         self.record = record
 
     # -- sampling ---------------------------------------------------------------------------
