@@ -654,7 +654,7 @@ def _parse(
     config_file: bool = False,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Parse ``argv`` into ``dtypes``; ``check(raw namespaces)`` returns problems; all reported at once.
-    Returns the built dataclasses and the resolved flags (:func:`resolved_config`).
+    Returns the built dataclasses and the resolved flags (see :func:`parse_train_config`).
 
     The checks run on the raw values first, so one run reports everything that is wrong instead
     of stopping at the first dataclass that refuses to build. ``config_file``: a positional YAML
