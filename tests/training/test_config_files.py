@@ -6,7 +6,9 @@ Fixtures (`original_argv`, `synth_dir`) come from conftest.py.
 
 from __future__ import annotations
 
+import json
 import shlex
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,9 @@ def test_the_tiny_config_trains_and_its_resolved_config_reruns_the_run(synth_dir
     assert f"resuming from {out / 'checkpoint-2'} (step 2)" in err and "--max_steps: 2 -> 3" in err
     assert yaml.safe_load((out / CONFIG_FILE).read_text())["max_steps"] == 3
     assert (out / "checkpoint-3").is_dir()
+    # The resumed run's cumulative token count goes on from the checkpoint's.
+    history = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert [e["step"] for e in history] == [1, 2, 3]
+    assert [e["trained_tokens_total"] for e in history] == list(
+        accumulate(e["trained_tokens"] for e in history)
+    )
