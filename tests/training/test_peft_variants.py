@@ -17,7 +17,7 @@ from vidlora.errors import UsageError
 from vidlora.infer.load import load_for_inference
 from vidlora.infer.merge import merge
 from vidlora.model.loading import load_pretrained
-from vidlora.model.lora import build_lora_config, lora_target_module_names
+from vidlora.model.lora import apply_recipe, build_lora_config, lora_target_module_names
 from vidlora.training.run_dir import run_identity
 
 LR, RATIO, PROJECTOR_LR = 2e-4, 16.0, 2e-5
@@ -109,9 +109,7 @@ def test_rslora_scales_by_alpha_over_sqrt_r_and_loads_back(original_argv, train_
 
 def test_plain_lora_scales_by_alpha_over_r():
     loaded = load_pretrained("tiny")
-    from peft import get_peft_model
-
-    model = get_peft_model(loaded.model, build_lora_config(loaded.model, 8, 16))
+    model = apply_recipe(loaded.model, build_lora_config(loaded.model, 8, 16))
     assert model.get_base_model().get_submodule(Q_PROJ).scaling["default"] == 2.0
 
 
