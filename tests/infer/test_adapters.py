@@ -90,8 +90,9 @@ def test_an_adapter_of_another_base_is_refused(checkpoints, tmp_path):
         (other / file.name).write_bytes(file.read_bytes())
     record = json.loads((other / RECORD_FILE).read_text())
     record["base"]["model_name_or_path"] = "someone/else-7B"
+    record["base"]["attn_implementation"] = "eager"  # a kernel choice alone does not matter
     (other / RECORD_FILE).write_text(json.dumps(record))
-    with pytest.raises(UsageError, match=r"trained on someone/else-7B.*one server shares one base"):
+    with pytest.raises(UsageError, match=r"another base.*model_name_or_path someone/else-7B vs tiny.*one server shares one base"):
         ModelSet.load(str(first), adapters={"o": str(other)}, device="cpu", dtype="float32")
 
 
@@ -100,3 +101,15 @@ def test_a_base_model_alone_is_served_without_peft(requests_):
     assert models.names == ["tiny"] and models.parent_of("tiny") is None
     with models.use("tiny") as generator:
         assert _answers(generator, requests_) == _answers(Generator(load_for_inference("tiny")), requests_)
+
+
+def test_bases_recorded_with_other_kernels_or_projector_defaults_are_one_base(checkpoints, tmp_path):
+    first, second = checkpoints
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in second.iterdir():
+        (other / file.name).write_bytes(file.read_bytes())
+    record = json.loads((other / RECORD_FILE).read_text())
+    record["base"] |= {"attn_implementation": "eager", "mm_projector_type": "mlp2x_gelu", "cache_dir": "/x"}
+    (other / RECORD_FILE).write_text(json.dumps(record))
+    assert ModelSet.load(str(first), adapters={"o": str(other)}, device="cpu", dtype="float32").names[-1] == "o"

@@ -202,15 +202,27 @@ def _check_adapter(name: str, path: str) -> None:
         raise UsageError(f"--adapters {name}={path}: no {RECORD_FILE}, so its settings are unknown")
 
 
+#: What makes two recorded bases the same weights (the projector comes with each adapter, checked
+#: by name and shape; the attention kernel and the hub cache do not change the weights).
+_BASE_IDENTITY = ("model_name_or_path", "video_tower", "image_tower")
+
+
 def _check_same_base(model_path: str, adapters: Mapping[str, str]) -> None:
     """Every adapter was trained on the base ``model_path``'s adapter was trained on."""
     first = read_record(model_path)
     for name, path in adapters.items():
         record = read_record(path)
-        if first is not None and record is not None and record.base != first.base:
+        if first is None or record is None:
+            continue
+        differ = [
+            f"{field} {getattr(record.base, field)} vs {getattr(first.base, field)}"
+            for field in _BASE_IDENTITY
+            if getattr(record.base, field) != getattr(first.base, field)
+        ]
+        if differ:
             raise UsageError(
-                f"--adapters {name}={path} was trained on {record.base.model_name_or_path}, "
-                f"{model_path} on {first.base.model_name_or_path}: one server shares one base"
+                f"--adapters {name}={path} was trained on another base than {model_path} "
+                f"({'; '.join(differ)}): one server shares one base"
             )
 
 
