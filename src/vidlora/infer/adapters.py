@@ -25,6 +25,7 @@ from vidlora.infer.generate import Generator
 from vidlora.infer.load import InferenceModel, load_base, load_for_inference
 from vidlora.model.lora import quiet_peft, strip_peft_prefix
 from vidlora.model.safetensors_check import check_safetensors
+from vidlora.quiet import quiet_imports
 
 #: The name the bare base model is served under when ``--model_path`` is an adapter.
 BASE_NAME = "base"
@@ -165,19 +166,23 @@ class ModelSet:
             raise UsageError(f"adapters hold tensors the base does not have: {unknown[:5]}")
         base_state = {k: params[k].detach().clone() for k in keys}
         model = base.model
+        # PEFT's adapter names become module attributes: a served name like "train" would clash.
+        peft_names = {name: f"adapter{index}" for index, name in enumerate(lora)}
         for index, (name, path) in enumerate(lora.items()):
+            check_safetensors(Path(path) / ADAPTER_WEIGHTS)  # PEFT reads it next, unchecked
             with quiet_peft():
                 if index == 0:
-                    from peft import PeftModel
+                    with quiet_imports():
+                        from peft import PeftModel
 
-                    model = PeftModel.from_pretrained(model, path, adapter_name=name)
+                    model = PeftModel.from_pretrained(model, path, adapter_name=peft_names[name])
                 else:
-                    model.load_adapter(path, adapter_name=name)
+                    model.load_adapter(path, adapter_name=peft_names[name])
         model.eval()
         trainables = {name: _trainables(Path(path), base_state, params) for name, path in lora.items()}
         entries: dict[str, _Entry] = {}
         for name in names:
-            adapter = name if name in lora else None
+            adapter = peft_names.get(name)
             processor = processors.get(name, base.processor)
             inference = InferenceModel(model, base.tokenizer, processor, f"{name} on {model_path}")
             entries[name] = _Entry(
