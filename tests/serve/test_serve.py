@@ -216,6 +216,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, mes
     assert set(body) >= {"message", "type", "param", "code"} and body["message"]
     if code is not None:
         assert body["code"] == code
+    assert "vidlora-serve-" not in body["message"]  # no server-side scratch paths
     assert (
         _ask(client, [{"role": "user", "content": "still there?"}], max_tokens=2).choices[0].message.content
     )

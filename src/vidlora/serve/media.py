@@ -70,9 +70,9 @@ def resolve_media(url: str, kind: str, scratch: Path, policy: MediaPolicy, *, pa
         try:
             info = probe_video(path)
         except VidloraError as err:
-            raise RequestError(
-                f"{param}: not a readable video: {err}", param=param, code="invalid_media"
-            ) from err
+            # A data: URL's scratch file name means nothing to the client: the part names the video.
+            reason = str(err).replace(f"{path}: ", "").replace(str(path), "the video")
+            raise RequestError(f"{param}: {reason}", param=param, code="invalid_media") from err
         if info.duration_s > policy.max_video_seconds:
             raise RequestError(
                 f"{param}: the video lasts {info.duration_s:.1f} s, the server takes at most "
