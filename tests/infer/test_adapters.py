@@ -92,7 +92,10 @@ def test_an_adapter_of_another_base_is_refused(checkpoints, tmp_path):
     record["base"]["model_name_or_path"] = "someone/else-7B"
     record["base"]["attn_implementation"] = "eager"  # a kernel choice alone does not matter
     (other / RECORD_FILE).write_text(json.dumps(record))
-    with pytest.raises(UsageError, match=r"another base.*model_name_or_path someone/else-7B vs tiny.*one server shares one base"):
+    with pytest.raises(
+        UsageError,
+        match=r"another base.*model_name_or_path someone/else-7B vs tiny.*one server shares one base",
+    ):
         ModelSet.load(str(first), adapters={"o": str(other)}, device="cpu", dtype="float32")
 
 
@@ -112,4 +115,26 @@ def test_bases_recorded_with_other_kernels_or_projector_defaults_are_one_base(ch
     record = json.loads((other / RECORD_FILE).read_text())
     record["base"] |= {"attn_implementation": "eager", "mm_projector_type": "mlp2x_gelu", "cache_dir": "/x"}
     (other / RECORD_FILE).write_text(json.dumps(record))
-    assert ModelSet.load(str(first), adapters={"o": str(other)}, device="cpu", dtype="float32").names[-1] == "o"
+    assert (
+        ModelSet.load(str(first), adapters={"o": str(other)}, device="cpu", dtype="float32").names[-1] == "o"
+    )
+
+
+def test_a_base_loaded_without_its_projector_file_is_not_served(checkpoints, tmp_path):
+    first, second = checkpoints
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    for file in first.iterdir():
+        (recipe / file.name).write_bytes(file.read_bytes())
+    record = json.loads((recipe / RECORD_FILE).read_text())
+    record["base"]["pretrain_mm_mlp_adapter"] = str(tmp_path / "mm_projector.bin")  # never read: replaced
+    (recipe / RECORD_FILE).write_text(json.dumps(record))
+    models = ModelSet.load(str(recipe), adapters={"b": str(second)}, device="cpu", dtype="float32")
+    assert models.names == ["recipe", "b"]  # no "base": its projector would be untrained
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    for file in second.iterdir():
+        if file.name != "non_lora_trainables.safetensors":
+            (frozen / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(UsageError, match="no projector of their own"):
+        ModelSet.load(str(recipe), adapters={"f": str(frozen)}, device="cpu", dtype="float32")

@@ -76,22 +76,25 @@ def test_queued_requests_batch_by_model_and_sampler():
     try:
         engine.submit(_job("first", results=results))  # held in the model while the rest queue up
         gen.started.wait(5)
-        hot = Sampling(temperature=0.7, seed=1)
+        hot = Sampling(temperature=0.7, seed=None)
         for text, model, sampling in [
             ("a1", "a", Sampling()), ("b1", "b", Sampling()), ("a2", "a", Sampling(max_new_tokens=5, seed=9)),
             ("a3", "a", hot), ("a4", "a", Sampling(stop=("x",))), ("a5", "a", Sampling()), ("a6", "a", hot),
+            ("s1", "a", Sampling(temperature=0.7, seed=1)), ("s2", "a", Sampling(temperature=0.7, seed=1)),
         ]:  # fmt: skip
             engine.submit(_job(text, model, sampling, results=results))
         gen.release.set()
-        _wait_for(lambda: len(results) == 8)
+        _wait_for(lambda: len(results) == 10)
     finally:
         engine.stop()
     # Greedy rows of one model batch whatever their budgets, stops and seeds; max 3 per batch;
-    # sampled rows batch only with the same temperature/top_p/seed; queue order otherwise kept.
+    # unseeded sampled rows batch with the same temperature/top_p; a seeded one runs alone (its
+    # answer must not depend on what else is queued); queue order otherwise kept.
     assert gen.batches == [
         ("m", ["first"]), ("a", ["a1", "a2", "a4"]), ("b", ["b1"]), ("a", ["a3", "a6"]), ("a", ["a5"]),
+        ("a", ["s1"]), ("a", ["s2"]),
     ]  # fmt: skip
-    assert engine.batches == 5
+    assert engine.batches == 7
 
 
 def test_a_full_queue_refuses_at_once_with_429():
@@ -142,6 +145,29 @@ def test_a_timed_out_request_is_504_and_its_row_is_stopped():
             asyncio.run(ask())
         assert caught.value.status == 504 and caught.value.kind == "timeout_error"
         _wait_for(lambda: models.generator.stopped_rows == ["slow"])
+    finally:
+        models.generator.release.set()
+        engine.stop()
+
+
+def test_a_stream_still_queued_at_its_deadline_ends_with_504():
+    models = FakeModels()
+    models.generator.release.clear()
+    engine = Engine(models, batch_wait_s=0.0)
+    engine.start()
+
+    async def ask():
+        pieces: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(engine.run("m", {"text": "q"}, Sampling(), timeout_s=0.3, pieces=pieces))
+        assert await asyncio.wait_for(pieces.get(), 5) is None  # the stream loop ends at the deadline
+        with pytest.raises(RequestError) as caught:
+            await task
+        return caught.value
+
+    try:
+        engine.submit(_job("running"))  # holds the model: "q" waits in the queue
+        models.generator.started.wait(5)
+        assert asyncio.run(ask()).status == 504
     finally:
         models.generator.release.set()
         engine.stop()

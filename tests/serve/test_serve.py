@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 import urllib.request
 
 import openai
@@ -144,6 +145,36 @@ def test_adapters_are_switched_by_model(client, checkpoints, media):
     assert _ask(client, _video_message(video), model=None).choices[0].message.content == answers["a"]
 
 
+def test_parts_in_any_order_read_as_a_training_record(client, media):
+    video = f"file://{_video(media)}"
+    media_first = _ask(client, _video_message(video)).choices[0].message.content
+    text_first = [{"role": "user", "content": [
+        {"type": "text", "text": QUESTION}, {"type": "video_url", "video_url": {"url": video}}]}]  # fmt: skip
+    assert _ask(client, text_first).choices[0].message.content == media_first
+
+
+def test_a_client_that_leaves_stops_its_generation(server, media):
+    import socket
+
+    url, app = server
+    engine = app.state.engine
+    before = engine.stopped_rows
+    body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "tell me everything"}],
+                       "temperature": 0, "max_tokens": 1800}).encode()  # fmt: skip
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(1.0)  # it is generating
+    deadline = time.monotonic() + 60
+    while engine.stopped_rows == before:
+        assert time.monotonic() < deadline, "the row ran on after its client left"
+        time.sleep(0.1)
+
+
 def test_an_image_question_and_a_system_message(client, checkpoints, media):
     image = sorted((media / "images").glob("*.jpg"))[0]
     messages = [
@@ -208,6 +239,15 @@ def _error(call):
         ([{"role": "assistant", "content": "hi"}], {}, 400, None),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], {}, 400, None),
         ([{"role": "user", "content": "hi"}], {"temperature": 7}, 400, None),
+        ([{"role": "user", "content": "hi"}], {"seed": 2**70}, 400, None),
+        (
+            [{"role": "user", "content": "hi"}],
+            {"response_format": {"type": "json_object"}},
+            400,
+            "unsupported",
+        ),
+        ([{"role": "user", "content": "hi"}], {"logit_bias": {"5": 10}}, 400, "unsupported"),
+        (_video_message("videos/a\x00.mp4"), {}, 400, None),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, messages, kwargs, status, code):
@@ -220,6 +260,19 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, mes
     assert (
         _ask(client, [{"role": "user", "content": "still there?"}], max_tokens=2).choices[0].message.content
     )
+
+
+def test_null_sampling_fields_take_openai_defaults(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": None,
+            "top_p": None, "n": None, "presence_penalty": None, "seed": 3}  # fmt: skip
+    request = urllib.request.Request(
+        server[0] + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as response:
+        reply = json.loads(response.read())
+    assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] <= 2
 
 
 def test_malformed_bodies_are_400_json(server):
@@ -235,7 +288,9 @@ def test_malformed_bodies_are_400_json(server):
 def test_limits_on_request_and_media_size_and_video_length(models, media):
     video = _video(media)
     tight = ServeSettings(
-        media=MediaPolicy(allowed_dir=media, max_bytes=video.stat().st_size - 1, max_video_seconds=60),
+        media=MediaPolicy(
+            allowed_dir=media, max_bytes=video.stat().st_size - 1, max_video_seconds=60, max_image_pixels=100
+        ),
         max_request_bytes=2 * video.stat().st_size,
     )
     short = ServeSettings(media=MediaPolicy(allowed_dir=media, max_video_seconds=0.5))
@@ -248,6 +303,12 @@ def test_limits_on_request_and_media_size_and_video_length(models, media):
         assert _error(lambda: _ask(client, _video_message(f"file://{video}")))[1]["code"] == "media_too_large"
         big = [{"role": "user", "content": "x" * (3 * video.stat().st_size)}]
         assert _error(lambda: _ask(client, big))[0] == 413
+        image = sorted((media / "images").glob("*.jpg"))[0]
+        pixels = [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{image}"}}]}
+        ]
+        status, body = _error(lambda: _ask(client, pixels))
+        assert (status, body["code"]) == (413, "media_too_large") and "pixels" in body["message"]
         client2 = openai.OpenAI(base_url=url2 + "/v1", api_key="-", max_retries=0)
         assert _error(lambda: _ask(client2, _video_message(f"file://{video}")))[1]["code"] == "media_too_long"
 
@@ -266,6 +327,10 @@ def test_an_api_key_is_required_when_set(models):
             client = openai.OpenAI(base_url=url + "/v1", api_key=key or "-", max_retries=0)
             status, body = _error(lambda c=client: _ask(c, [{"role": "user", "content": "hi"}]))
             assert status == 401 and body["code"] == "invalid_api_key"
+        odd = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer k\u00e9"})
+        with pytest.raises(urllib.error.HTTPError) as caught:  # not ASCII: still a 401, not a crash
+            urllib.request.urlopen(odd)
+        assert caught.value.code == 401
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert _ask(good, [{"role": "user", "content": "hi"}], max_tokens=2).choices[0].message.content
         with urllib.request.urlopen(url + "/health") as response:  # the health check needs no key

@@ -141,7 +141,21 @@ class ModelSet:
         first_name = served_name or first.name or model_path
         first_is_adapter = first.is_dir() and is_adapter_dir(first)
         lora: dict[str, str] = ({first_name: model_path} if first_is_adapter else {}) | adapters
-        names = [first_name, *([BASE_NAME] if first_is_adapter else []), *adapters]
+        # Trained on an LLM plus a pre-trained projector file (the original's recipe) with the
+        # projector saved: the base is then loaded without that file, so it has no usable projector
+        # of its own: it is not served, and every adapter must bring its own.
+        record = read_record(first) if first_is_adapter else None
+        projectorless = bool(
+            record is not None and record.base.pretrain_mm_mlp_adapter and _holds_projector(first)
+        )
+        if projectorless:
+            lacking = [n for n, p in adapters.items() if not _holds_projector(Path(p))]
+            if lacking:
+                raise UsageError(
+                    f"--adapters {', '.join(lacking)}: no projector of their own, and the base of "
+                    f"{model_path} is served without its pre-trained projector file"
+                )
+        names = [first_name, *([BASE_NAME] if first_is_adapter and not projectorless else []), *adapters]
         if len(set(names)) != len(names):
             raise UsageError(f"served model names must differ: {names}")
         if first_is_adapter and not (first / ADAPTER_WEIGHTS).is_file():
@@ -243,6 +257,10 @@ def _processor_of(path: str, base: InferenceModel):
             f"{base.processor.config_overrides}: serve it from its own base"
         )
     return processor
+
+
+def _holds_projector(path: Path) -> bool:
+    return any(key.startswith("mm_projector.") for key in _trainable_keys(path))
 
 
 def _trainable_keys(path: Path) -> list[str]:

@@ -39,22 +39,27 @@ class Request:
 class Sampling:
     """How to generate one answer: the knobs `chat`, `predict` and the API share.
 
-    Rows generated in one batch share ``temperature``, ``top_p`` and ``seed`` (they are one
-    ``model.generate`` call); ``max_new_tokens`` and ``stop`` are kept per row.
+    Rows generated in one batch share ``temperature``, ``top_p`` and the random stream (they are
+    one ``model.generate`` call); ``max_new_tokens`` and ``stop`` are kept per row. A sampled row
+    with a seed is generated alone, so its answer is the same whatever else is being served; one
+    without (``seed=None``) shares a freshly seeded batch.
     """
 
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # strings that end the answer, besides the template's own
-    seed: int = 0
+    seed: int | None = 0
 
     @property
-    def batch_key(self) -> tuple[float, float, int]:
-        """Requests with equal keys can share a batch (greedy rows ignore the seed)."""
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share a batch: greedy rows whatever their seed, unseeded
+        sampled rows with the same temperature and top_p; a seeded sampled row is its own batch."""
         if self.temperature <= 0:
-            return (0.0, 1.0, 0)
-        return (self.temperature, self.top_p, self.seed)
+            return ("greedy",)
+        if self.seed is None:
+            return ("sampled", self.temperature, self.top_p)
+        return ("seeded", id(self))
 
 
 @dataclass
@@ -288,7 +293,7 @@ class Generator:
         )
         sampled = first.temperature > 0
         if sampled:
-            torch.manual_seed(first.seed)
+            torch.manual_seed(first.seed if first.seed is not None else torch.seed())
         output = self.model.generate(
             **inputs,
             max_new_tokens=max(row.max_new_tokens for row in rows),

@@ -14,11 +14,12 @@ import argparse
 import asyncio
 import hmac
 import json
+import logging
 import os
-import random
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -35,6 +36,7 @@ from vidlora.errors import UsageError, VidloraError
 from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
 from vidlora.infer.generate import Sampling
 from vidlora.serve import protocol
+from vidlora.serve.engine import timeout_error
 from vidlora.serve.media import MediaPolicy
 from vidlora.serve.protocol import RequestError
 
@@ -89,26 +91,29 @@ def create_app(models, settings: ServeSettings, *, max_batch_size: int = 8, max_
 
     @app.exception_handler(Exception)
     async def _unexpected(_request, err: Exception):
-        return error(RequestError(f"internal error: {err!r}", status=500, kind="server_error"))
+        logging.getLogger("vidlora.serve").exception("internal error")  # the details stay in the log
+        return error(RequestError("internal error (see the server's log)", status=500, kind="server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, err: RequestValidationError):
         return error(RequestError(str(err.errors()[0].get("msg", err)), status=400))
 
-    @app.middleware("http")
-    async def _authorize(request: Request, call_next):
-        if settings.api_key is not None and request.url.path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), settings.api_key):
-                return error(
-                    RequestError(
-                        "a valid API key is required: Authorization: Bearer <key>",
-                        status=401,
-                        code="invalid_api_key",
-                        kind="authentication_error",
-                    )
-                )
-        return await call_next(request)
+    # A dependency of each /v1 route, not an HTTP middleware: Starlette's middleware wraps
+    # `receive`, and a handler behind it no longer sees its client disconnect.
+    def authorize(http: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = http.headers.get("authorization", "").partition(" ")
+        given, expected = token.strip().encode(), settings.api_key.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
+            raise RequestError(
+                "a valid API key is required: Authorization: Bearer <key>",
+                status=401,
+                code="invalid_api_key",
+                kind="authentication_error",
+            )
+
+    keyed = [Depends(authorize)]
 
     parents = {name: models.parent_of(name) for name in models.names}
 
@@ -116,18 +121,18 @@ def create_app(models, settings: ServeSettings, *, max_batch_size: int = 8, max_
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": models.names}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     async def list_models() -> dict[str, Any]:
         return protocol.model_list(models.names, parents=parents)
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", dependencies=keyed)
     async def get_model(name: str) -> dict[str, Any]:
         name = _model_name(models, name)
         return protocol.model_object(name, parents[name])
 
     admitted = [0]  # requests between arrival and their answer (only the event loop touches it)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(http: Request):
         if admitted[0] >= max_queue + max_batch_size:
             raise RequestError(
@@ -148,23 +153,34 @@ def create_app(models, settings: ServeSettings, *, max_batch_size: int = 8, max_
         name = _model_name(models, request.model)
         id_ = protocol.completion_id()
         scratch = scratch_root / id_
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.request_timeout_s
+        prepared = loop.run_in_executor(pool, _prepare, models, name, request, scratch, settings.media, id_)
         try:
-            item = await asyncio.get_running_loop().run_in_executor(
-                pool, _prepare, models, name, request, scratch, settings.media, id_
-            )
+            item = await asyncio.wait_for(asyncio.shield(prepared), settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise timeout_error(settings.request_timeout_s) from None
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)  # the pixels are in memory now
+            # The pixels are in memory once it is done; a timed-out one cleans up when it ends.
+            prepared.add_done_callback(lambda f: _forget(f, scratch))
         prompt_tokens = len(item["input_ids"])
         sampling = _sampling(request, prompt_tokens, contexts[name], settings.max_tokens)
+        left = max(deadline - loop.time(), 0.001)
+        created = int(time.time())
         if not request.stream:
-            completion = await engine.run(name, item, sampling, timeout_s=settings.request_timeout_s)
-            return protocol.completion_object(completion, model=name, id_=id_)
+            waiting = asyncio.ensure_future(engine.run(name, item, sampling, timeout_s=left))
+            gone = asyncio.create_task(_until_disconnected(http))
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not waiting.done():
+                waiting.cancel()  # the client left: its row stops (the engine sees it cancelled)
+                raise RequestError("the client closed the connection", status=499)
+            return protocol.completion_object(waiting.result(), model=name, id_=id_, created=created)
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        waiting = engine.run(name, item, sampling, timeout_s=settings.request_timeout_s, pieces=pieces)
-        task = asyncio.create_task(waiting)
+        task = asyncio.create_task(engine.run(name, item, sampling, timeout_s=left, pieces=pieces))
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return StreamingResponse(
-            _events(task, pieces, model=name, id_=id_, include_usage=include_usage),
+            _events(task, pieces, model=name, id_=id_, created=created, include_usage=include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -172,28 +188,52 @@ def create_app(models, settings: ServeSettings, *, max_batch_size: int = 8, max_
     return app
 
 
-async def _events(task, pieces, *, model: str, id_: str, include_usage: bool) -> AsyncIterator[str]:
+def _forget(future, scratch: Path) -> None:
+    """Drop a finished media job's files; its result or error was used, or nobody waits any more."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    if not future.cancelled():
+        future.exception()
+
+
+async def _until_disconnected(http: Request) -> None:
+    while not await http.is_disconnected():
+        await asyncio.sleep(0.25)
+
+
+async def _events(
+    task, pieces, *, model: str, id_: str, created: int, include_usage: bool
+) -> AsyncIterator[str]:
     """Server-sent events of a streamed completion, in OpenAI's chunk format, then ``[DONE]``."""
 
     def event(data: dict[str, Any]) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     try:
-        yield event(protocol.chunk_object(model=model, id_=id_, delta={"role": "assistant", "content": ""}))
+        yield event(
+            protocol.chunk_object(
+                model=model, id_=id_, created=created, delta={"role": "assistant", "content": ""}
+            )
+        )
         while (piece := await pieces.get()) is not None:
-            yield event(protocol.chunk_object(model=model, id_=id_, delta={"content": piece}))
+            yield event(
+                protocol.chunk_object(model=model, id_=id_, created=created, delta={"content": piece})
+            )
         try:
             completion = await task
         except RequestError as err:
             yield event(err.body())
         else:
             yield event(
-                protocol.chunk_object(model=model, id_=id_, delta={}, finish_reason=completion.finish_reason)
+                protocol.chunk_object(
+                    model=model, id_=id_, created=created, delta={}, finish_reason=completion.finish_reason
+                )
             )
             if include_usage:
                 usage = protocol.usage(completion)
                 yield event(
-                    protocol.chunk_object(model=model, id_=id_, delta={}, usage_=usage, choices=False)
+                    protocol.chunk_object(
+                        model=model, id_=id_, created=created, delta={}, usage_=usage, choices=False
+                    )
                 )
         yield "data: [DONE]\n\n"
     finally:
@@ -257,13 +297,12 @@ def _sampling(request, prompt_tokens: int, context: int, default_max_tokens: int
             param="messages",
             code="context_length_exceeded",
         )
-    seed = request.seed if request.seed is not None else random.randrange(2**31)
     return Sampling(
         max_new_tokens=asked or min(default_max_tokens, room),
-        temperature=request.temperature,
-        top_p=request.top_p,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
         stop=request.stops(),
-        seed=seed,
+        seed=request.seed,  # None: sampled with a fresh seed, batched with other unseeded requests
     )
 
 

@@ -65,6 +65,7 @@ class Engine:
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
         self.batches = 0  # generate calls made, for the logs and the tests
+        self.stopped_rows = 0  # rows stopped early: past their deadline or their client gone
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -131,18 +132,25 @@ class Engine:
             on_done,
         )
         self.submit(job)
-        return self._wait(job, future, timeout_s)
+        return self._wait(job, future, timeout_s, pieces)
 
     @staticmethod
-    async def _wait(job: Job, future: asyncio.Future[Completion], timeout_s: float) -> Completion:
+    async def _wait(
+        job: Job, future: asyncio.Future[Completion], timeout_s: float, pieces: asyncio.Queue | None
+    ) -> Completion:
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
+            completion = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            if pieces is not None:
+                pieces.put_nowait(None)  # ends a stream still waiting in the queue
             raise timeout_error(timeout_s) from None
         finally:
             job.cancelled = True  # a no-op once done; stops it when the client went away
             # Settled later by the worker, with nobody waiting: retrieve it so asyncio does not warn.
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if completion.finish_reason == "cancelled":  # its deadline passed mid-generation
+            raise timeout_error(timeout_s)
+        return completion
 
     def _work(self) -> None:
         while True:
@@ -193,6 +201,7 @@ class Engine:
                     should_stop=lambda row: batch[row].expired(),
                 )
             self.batches += 1
+            self.stopped_rows += sum(c.finish_reason == "cancelled" for c in completions)
         except Exception as err:  # one failed batch must not take the server down
             for job in batch:
                 job.on_done(RequestError(f"generation failed: {err}", status=500, kind="server_error"))

@@ -50,6 +50,8 @@ class MediaPolicy:
     allow_remote: bool = False
     max_bytes: int = 200 * 2**20
     max_video_seconds: float = 600.0
+    #: Decoded size, read from the header: a small file can hold a huge image.
+    max_image_pixels: int = 64 * 2**20
     remote_timeout_s: float = 30.0
 
 
@@ -66,6 +68,8 @@ def resolve_media(url: str, kind: str, scratch: Path, policy: MediaPolicy, *, pa
         raise RequestError(
             f"{param}: unsupported URL scheme {scheme!r} (data:, file:// or a path)", param=param
         )
+    if kind == "image":
+        _check_image(path, policy, param)
     if kind == "video":
         try:
             info = probe_video(path)
@@ -81,6 +85,23 @@ def resolve_media(url: str, kind: str, scratch: Path, policy: MediaPolicy, *, pa
                 code="media_too_long",
             )
     return path
+
+
+def _check_image(path: Path, policy: MediaPolicy, param: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise RequestError(f"{param}: not a readable image", param=param, code="invalid_media") from err
+    if width * height > policy.max_image_pixels:
+        raise RequestError(
+            f"{param}: a {width}x{height} image, the server takes at most {policy.max_image_pixels} pixels",
+            status=413,
+            param=param,
+            code="media_too_large",
+        )
 
 
 def _too_big(size: int, policy: MediaPolicy, param: str) -> RequestError:
@@ -128,7 +149,10 @@ def _local(url: str, policy: MediaPolicy, param: str) -> Path:
         )
     raw = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
     root = policy.allowed_dir.resolve()
-    path = (root / raw).resolve()  # an absolute `raw` replaces root, then must still lie inside it
+    try:
+        path = (root / raw).resolve()  # an absolute `raw` replaces root, then must still lie inside it
+    except (ValueError, OSError) as err:  # a NUL byte, a loop of links
+        raise RequestError(f"{param}: not a usable path", param=param) from err
     if not path.is_relative_to(root):
         raise RequestError(
             f"{param}: {raw} is outside --allowed_media_dir",

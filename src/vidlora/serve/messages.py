@@ -1,10 +1,12 @@
 """OpenAI chat messages → the generator's :class:`~vidlora.infer.generate.Request`.
 
 Each ``image_url`` / ``video_url`` part becomes the training data's placeholder (``<image>`` /
-``<video>``) where it stands in the message, text parts are joined by newlines, exactly as a
-training record reads (``"<video>\\nWhat is the man doing?"``). A conversation has one video at
-most, before any image (the training format's order); roles alternate user/assistant after an
-optional system message, which replaces the template's system prompt.
+``<video>``), laid out as `vidlora chat` lays out a message (:func:`~vidlora.infer.chat.first_message`):
+the message's video, then its images, then its text parts joined by newlines — exactly as a training
+record reads (``"<video>\\nWhat is the man doing?"``), wherever the client put the parts. A
+conversation has one video at most, before any image (the training format's order); roles
+alternate user/assistant after an optional system (or developer) message, which replaces the
+template's system prompt.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from vidlora.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Turn
+from vidlora.infer.chat import first_message
 from vidlora.infer.generate import Request
 from vidlora.serve.media import MediaPolicy, resolve_media
 from vidlora.serve.protocol import Message, RequestError
 
-ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+# "developer" is what OpenAI's newer models call the system message.
+ROLES = {"system": "system", "developer": "system", "user": "human", "assistant": "gpt"}
 PART_TYPES = ("text", "image_url", "video_url")
 
 
@@ -38,6 +42,8 @@ def to_request(messages: list[Message], scratch: Path, policy: MediaPolicy, *, r
         content = message.content
         if content is None:
             raise RequestError(f"{where}.content: missing", param=f"{where}.content")
+        message_video: Path | None = None
+        message_images: list[Path] = []
         if isinstance(content, str):
             parts = [_text(content, f"{where}.content")]
         else:
@@ -65,14 +71,14 @@ def to_request(messages: list[Message], scratch: Path, policy: MediaPolicy, *, r
                     if video is not None:
                         raise RequestError(f"{at}: one video per conversation", param=at)
                     if images:
-                        raise RequestError(f"{at}: the video comes before any image", param=at)
-                    video = resolve_media(url, "video", scratch, policy, param=at)
-                    parts.append(VIDEO_PLACEHOLDER)
+                        raise RequestError(
+                            f"{at}: the video comes before any image of earlier messages", param=at
+                        )
+                    video = message_video = resolve_media(url, "video", scratch, policy, param=at)
                 else:
-                    images.append(resolve_media(url, "image", scratch, policy, param=at))
-                    parts.append(IMAGE_PLACEHOLDER)
-        text = "\n".join(parts)
-        turns.append(Turn(role, text))
+                    message_images.append(resolve_media(url, "image", scratch, policy, param=at))
+        images += message_images
+        turns.append(Turn(role, first_message("\n".join(parts), message_video, message_images)))
     _check_order(turns)
     return Request(request_id, turns, video, images)
 

@@ -7,7 +7,6 @@ than silently ignored. Errors use OpenAI's shape ``{"error": {"message", "type",
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -55,28 +54,34 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: OpenAI's 1.0
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
     def refuse_unsupported(self) -> None:
         """Parameters vidlora does not implement, when set to anything but their neutral value."""
         unsupported = {
-            "n": self.n != 1,
+            "n": self.n not in (None, 1),
             "logprobs": bool(self.logprobs),
+            "top_logprobs": bool(self.top_logprobs),
+            "logit_bias": bool(self.logit_bias),
+            "response_format": (self.response_format or {}).get("type", "text") != "text",
             "tools": bool(self.tools),
             "functions": bool(self.functions),
-            "presence_penalty": self.presence_penalty != 0,
-            "frequency_penalty": self.frequency_penalty != 0,
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
         }
         for name, used in unsupported.items():
             if used:
@@ -115,11 +120,11 @@ def usage(completion: Completion) -> dict[str, int]:
     }
 
 
-def completion_object(completion: Completion, *, model: str, id_: str) -> dict[str, Any]:
+def completion_object(completion: Completion, *, model: str, id_: str, created: int) -> dict[str, Any]:
     return {
         "id": id_,
         "object": "chat.completion",
-        "created": int(time.time()),
+        "created": created,
         "model": model,
         "choices": [
             {
@@ -137,6 +142,7 @@ def chunk_object(
     *,
     model: str,
     id_: str,
+    created: int,
     delta: dict[str, Any],
     finish_reason: str | None = None,
     usage_: dict[str, int] | None = None,
@@ -146,7 +152,7 @@ def chunk_object(
     chunk: dict[str, Any] = {
         "id": id_,
         "object": "chat.completion.chunk",
-        "created": int(time.time()),
+        "created": created,
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
         if choices
