@@ -292,6 +292,8 @@ class TrainingArguments(HfTrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        # A set of leaf names: in one spelling, so `q_proj v_proj` and `v_proj q_proj` are one run.
+        self.lora_target = sorted(set(self.lora_target))
         # Old spellings the original uses; transformers 5 dropped them.
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy

@@ -146,3 +146,12 @@ def test_variants_belong_to_the_run_identity_and_old_records_still_match():
     assert identity == run_identity({}, {}, {"lora_r": 8, "use_dora": False, "lora_target": ["all-linear"]})
     assert identity != run_identity({}, {}, {"lora_r": 8, "use_dora": True})
     assert identity != run_identity({}, {}, {"lora_r": 8, "lora_target": ["q_proj"]})
+
+
+def test_lora_target_is_a_set_of_names():
+    from vidlora.args import TrainingArguments
+
+    def targets(*names):
+        return TrainingArguments(output_dir="unused", lora_target=list(names), use_cpu=True).lora_target
+
+    assert targets("v_proj", "q_proj", "v_proj") == targets("q_proj", "v_proj") == ["q_proj", "v_proj"]
