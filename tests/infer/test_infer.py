@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_checkpoints import perturbed_lora_model, save_adapter
 from vidlora.checkpoint import RECORD_FILE, BaseModel, RunRecord, write_record, write_trainables
 from vidlora.data.processor import Processor
 from vidlora.data.records import Turn
@@ -29,34 +30,10 @@ OLD_RECORD = {
 }  # fmt: skip
 
 
-def _perturbed_lora_model(seed: int = 1):
-    """The tiny model with LoRA whose B matrices and projector are moved off their init,
-    standing in for a trained adapter (LoRA B starts at zero, which would make merge trivial)."""
-    loaded = load_pretrained("tiny")
-    torch.manual_seed(seed)  # PEFT initialises lora_A from the global generator
-    model = apply_recipe(loaded.model, build_lora_config(loaded.model, 8, 16, dropout=0.0))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in (p for p in model.parameters() if p.requires_grad):
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    model.eval()
-    return model, loaded.tokenizer
-
-
-def _save_adapter(model, tokenizer, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    write_trainables(model, out)
-    processor = Processor.for_model(model.get_base_model().config, template="v1")
-    write_record(out, RunRecord(BaseModel("tiny"), processor, training={}))
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    model, tokenizer = _perturbed_lora_model()
-    return _save_adapter(model, tokenizer, tmp_path_factory.mktemp("adapter") / "checkpoint-7")
+    model, tokenizer = perturbed_lora_model()
+    return save_adapter(model, tokenizer, tmp_path_factory.mktemp("adapter") / "checkpoint-7")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +78,7 @@ def test_merged_equals_adapter_and_differs_from_base(adapter_dir, tmp_path):
 
 @torch.no_grad()
 def test_checkpoint_dir_alone_restores_trained_tensors(adapter_dir):
-    trained, _ = _perturbed_lora_model()
+    trained, _ = perturbed_lora_model()
     loaded = load_for_inference(str(adapter_dir))
     assert loaded.processor.template == "v1" and loaded.processor.num_frames == 8
     expected = {n: p for n, p in trained.named_parameters() if p.requires_grad}
@@ -179,7 +156,7 @@ def test_predict_through_the_frame_cache_writes_the_same_predictions(adapter_dir
 @torch.no_grad()
 def test_legacy_bin_outputs_load(tmp_path):
     """The original's outputs: adapter_model.bin + non_lora_trainables.bin with its own key names."""
-    trained, tokenizer = _perturbed_lora_model(seed=5)
+    trained, tokenizer = perturbed_lora_model(seed=5)
     legacy = tmp_path / "videollava-7b-lora"
     legacy.mkdir()
     adapter, non_lora = {}, {}
@@ -251,7 +228,7 @@ def test_merge_into_hf_layout_loads_in_transformers(tmp_path):
         for param in (p for p in model.parameters() if p.requires_grad):
             param.add_(0.05 * torch.randn_like(param))
     model.eval()
-    adapter = _save_adapter(model, tokenizer, tmp_path / "adapter")
+    adapter = save_adapter(model, tokenizer, tmp_path / "adapter")
     merged_dir = merge(str(adapter), str(base_dir), str(tmp_path / "merged_hf"))  # layout: hf by default
     hf = VideoLlavaForConditionalGeneration.from_pretrained(merged_dir).eval()
     inputs = _inputs(tokenizer, config, seed=4)

@@ -59,9 +59,10 @@ def chat_loop(
     *,
     max_new_tokens: int,
     temperature: float,
-    streamer=None,
+    stream: bool = False,
 ) -> list[Turn]:
-    """Run a conversation; ``read`` returns the next user line (None/empty ends it)."""
+    """Run a conversation; ``read`` returns the next user line (None/empty ends it). With
+    ``stream``, answers reach ``write`` piece by piece as they are generated."""
     from vidlora.infer.generate import Request
 
     turns: list[Turn] = []
@@ -73,10 +74,10 @@ def chat_loop(
         turns.append(Turn("human", value))
         answer = generator.generate(
             [Request("chat", list(turns), video, images)],
-            max_new_tokens=max_new_tokens, temperature=temperature, streamer=streamer,
+            max_new_tokens=max_new_tokens, temperature=temperature,
+            on_text=(lambda _row, piece: write(piece)) if stream else None,
         )[0]  # fmt: skip
-        if streamer is None:
-            write(answer + "\n")
+        write("\n" if stream else answer + "\n")
         turns.append(Turn("gpt", answer))
 
 
@@ -96,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import TextStreamer
-
     from vidlora.infer.generate import Generator
     from vidlora.infer.load import load_for_inference_on
 
@@ -111,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     generator = Generator(loaded)
-    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     def read() -> str | None:
         try:
@@ -131,6 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         write,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
-        streamer=streamer,
+        stream=True,
     )
     return 0

@@ -10,7 +10,7 @@ scored by its teacher-forced log-likelihood (closed-form questions, multiple-cho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,21 +35,148 @@ class Request:
     images: list[Path] = field(default_factory=list)
 
 
-class StopOnString(StoppingCriteria):
-    """Stop a row once its generated text contains the template's stop string."""
+@dataclass(frozen=True)
+class Sampling:
+    """How to generate one answer: the knobs `chat`, `predict` and the API share.
 
-    def __init__(self, tokenizer, stop: str, prompt_length: int) -> None:
+    Rows generated in one batch share ``temperature``, ``top_p`` and ``seed`` (they are one
+    ``model.generate`` call); ``max_new_tokens`` and ``stop`` are kept per row.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # strings that end the answer, besides the template's own
+    seed: int = 0
+
+    @property
+    def batch_key(self) -> tuple[float, float, int]:
+        """Requests with equal keys can share a batch (greedy rows ignore the seed)."""
+        if self.temperature <= 0:
+            return (0.0, 1.0, 0)
+        return (self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class Completion:
+    """One generated answer and its token counts (media tokens count as prompt tokens)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn, eos or a stop string) or "length"
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first of ``stops``, and whether one was found."""
+    ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[: min(ends)], True) if ends else (text, False)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still turn out to begin a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class _Detokenizer:
+    """Text of a growing token sequence, extended piece by piece and never rewritten.
+
+    Decoding the whole sequence again after each token is not prefix-stable: byte-fallback tokens
+    merge with the bytes after them, and SentencePiece drops a leading space. So each new piece is
+    the text of the tokens since the last piece, decoded with the token before them for context,
+    and held back while it ends in an incomplete character (as vLLM's incremental detokenizer does).
+    """
+
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.text = ""
+        self._prefix = 0  # tokens before this are context only
+        self._read = 0  # tokens before this are in ``text``
+
+    def add(self, ids: list[int], *, final: bool = False) -> None:
+        decode = self.tokenizer.decode
+        before = decode(ids[self._prefix : self._read], skip_special_tokens=True)
+        after = decode(ids[self._prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(ids)
+
+
+class RowTracker(StoppingCriteria):
+    """Per-row end of generation, token counts and streamed text, checked after every new token.
+
+    A row ends at the eos token, the template's stop string, one of its own stop strings, or its
+    own token budget; its answer is the text before the stop, stripped. While it runs, ``on_text``
+    gets each new piece of that answer, never a piece a stop string might still swallow, so the
+    pieces add up to exactly the final answer.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        template_stop: str,
+        stops: Sequence[Sequence[str]],
+        budgets: Sequence[int],
+        prompt_length: int,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.eos = tokenizer.eos_token_id
+        self.stops = [[s for s in (*row, template_stop.strip()) if s] for row in stops]
+        self.budgets = list(budgets)
         self.prompt_length = prompt_length
+        self.on_text = on_text
+        rows = len(budgets)
+        self.decoded = [_Detokenizer(tokenizer) for _ in range(rows)]
+        self.finished: list[str | None] = [None] * rows
+        self.lengths = [0] * rows
+        self.emitted = [""] * rows
+        self.texts = [""] * rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        done = [
-            self.stop in self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=False)
-            for row in input_ids
-        ]
+        for row, ids in enumerate(input_ids):
+            if self.finished[row] is None:
+                self._advance(row, ids[self.prompt_length :].tolist(), final=False)
+        done = [reason is not None for reason in self.finished]
         # A bool tensor; torch's stubs do not relate torch.tensor(dtype=torch.bool) to BoolTensor.
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+    def finish(self, output: torch.Tensor) -> None:
+        """End the rows generation stopped without this tracker's say (a model-wide length limit)."""
+        for row, reason in enumerate(self.finished):
+            if reason is None:
+                self._advance(row, output[row, self.prompt_length :].tolist(), final=True)
+
+    def _advance(self, row: int, generated: list[int], *, final: bool) -> None:
+        ended_by_eos = bool(generated) and generated[-1] == self.eos
+        self.lengths[row] = len(generated)
+        decoded = self.decoded[row]
+        decoded.add(generated[:-1] if ended_by_eos else generated, final=final or ended_by_eos)
+        text, stopped = cut_at_stops(decoded.text, self.stops[row])
+        stopped = stopped or ended_by_eos
+        if stopped or final or len(generated) >= self.budgets[row]:
+            if not (stopped or final):
+                decoded.add(generated, final=True)
+                text, stopped = cut_at_stops(decoded.text, self.stops[row])
+            self.finished[row] = "stop" if stopped else "length"
+            self.texts[row] = text.strip()
+            self._emit(row, self.texts[row])
+        else:
+            safe = text[: len(text) - _held_back(text, self.stops[row])]
+            self._emit(row, safe.strip())
+
+    def _emit(self, row: int, text: str) -> None:
+        """Send the part of ``text`` not sent yet."""
+        sent = self.emitted[row]
+        if len(text) > len(sent):
+            if self.on_text is not None:
+                self.on_text(row, text[len(sent) :])
+            self.emitted[row] = text
 
 
 class Generator:
@@ -99,7 +226,6 @@ class Generator:
             for k, v in batch.items()
         }
 
-    @torch.no_grad()
     def generate(
         self,
         requests: Sequence[Request],
@@ -107,40 +233,75 @@ class Generator:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         seed: int = 0,
-        streamer=None,
+        on_text: Callable[[int, str], None] | None = None,
     ) -> list[str]:
         """Answers for a batch of requests (greedy when temperature is 0)."""
-        items = [self.prepare(r) for r in requests]
-        batch = self.collate(items)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        return [c.text for c in self.complete(requests, sampling, on_text=on_text)]
+
+    def complete(
+        self,
+        requests: Sequence[Request],
+        sampling: Sampling | Sequence[Sampling],
+        *,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[Completion]:
+        """Completions of a batch of requests; ``on_text(row, piece)`` streams each answer."""
+        return self.complete_prepared([self.prepare(r) for r in requests], sampling, on_text=on_text)
+
+    @torch.no_grad()
+    def complete_prepared(
+        self,
+        items: Sequence[dict],
+        sampling: Sampling | Sequence[Sampling],
+        *,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[Completion]:
+        """:meth:`complete` on already :meth:`prepare`-d requests (media decoded elsewhere, e.g. while
+        the model works on the previous batch)."""
+        rows = [sampling] * len(items) if isinstance(sampling, Sampling) else list(sampling)
+        if len(rows) != len(items) or not items:
+            raise ValueError(f"{len(items)} requests and {len(rows)} sampling settings")
+        if len({row.batch_key for row in rows}) != 1:
+            raise ValueError("rows of one batch must share temperature, top_p and seed")
+        if min(row.max_new_tokens for row in rows) < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        first = rows[0]
+        batch = self.collate(list(items))
         batch.pop("ids")
         inputs = self._to_model(batch)
         prompt_length = inputs["input_ids"].shape[1]
-        sampling = temperature > 0
-        if sampling:
-            torch.manual_seed(seed)
+        tracker = RowTracker(
+            self.tokenizer,
+            self.template.stop_str,
+            [row.stop for row in rows],
+            [row.max_new_tokens for row in rows],
+            prompt_length,
+            on_text,
+        )
+        sampled = first.temperature > 0
+        if sampled:
+            torch.manual_seed(first.seed)
         output = self.model.generate(
             **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=None,
+            max_new_tokens=max(row.max_new_tokens for row in rows),
+            do_sample=sampled,
+            temperature=first.temperature if sampled else None,
+            top_p=first.top_p if sampled and first.top_p < 1 else None,
             top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            stopping_criteria=StoppingCriteriaList(
-                [StopOnString(self.tokenizer, self.template.stop_str, prompt_length)]
-            ),
-            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([tracker]),
             use_cache=True,
         )
-        answers = []
-        for row in output[:, prompt_length:]:
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            stop = self.template.stop_str.strip()
-            if stop and stop in text:
-                text = text.split(stop)[0]
-            answers.append(text.strip())
-        return answers
+        tracker.finish(output)
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return [
+            Completion(
+                tracker.texts[i], int(prompt_tokens[i]), tracker.lengths[i], tracker.finished[i] or "length"
+            )
+            for i in range(len(items))
+        ]
 
     @torch.no_grad()
     def score_options(self, request: Request, options: Sequence[str]) -> list[float]:
