@@ -17,19 +17,6 @@ from vidlora.errors import UsageError
 from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
 
 
-def parse_adapters(values: list[str]) -> dict[str, str]:
-    """``NAME=PATH`` words as a dict (names unique)."""
-    adapters: dict[str, str] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(f"--adapters {value}: use NAME=PATH")
-        if name in adapters:
-            raise UsageError(f"--adapters: the name {name!r} is given twice")
-        adapters[name] = path
-    return adapters
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidlora webui", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_path", default=None, help="the model to chat with (a checkpoint, a preset)")
@@ -46,19 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    adapters = parse_adapters(args.adapters)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("the web UI needs Gradio: pip install 'vidlora[webui]'") from None
     import torch
 
+    from vidlora.infer.adapters import ModelSet, parse_adapters
     from vidlora.webui.app import build_app, theme
 
+    adapters = parse_adapters(args.adapters)
     models = None
     if args.model_path is not None or adapters:
-        from vidlora.infer.adapters import ModelSet
-
         if args.model_path is None:
             raise UsageError("--adapters needs --model_path (the model they were trained on, or one of them)")
         models = ModelSet.load(

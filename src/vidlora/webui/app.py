@@ -59,7 +59,7 @@ def _shown_errors(fn: Callable) -> Callable:
 def _field_component(field: FormField) -> Any:
     import gradio as gr
 
-    common = {"label": field.flag, "info": field.help or None, "elem_id": f"train-{field.name}"}
+    common = {"label": field.flag, "info": field.help or None, "elem_id": f"train-{field.name}", "min_width": 240}
     if field.kind == "bool":
         return gr.Checkbox(value=bool(field.default), **common)
     if field.choices:
@@ -83,26 +83,27 @@ def _chat_tab(models: Any) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             video = gr.Video(label="video", sources=["upload"], elem_id="chat-video", height=220)
-            images = gr.File(
-                label="images", file_count="multiple", file_types=["image"], elem_id="chat-images", height=90
-            )
+            images = gr.File(label="images", file_count="multiple", file_types=["image"], elem_id="chat-images")
             adapter = gr.Dropdown(names, value=names[0], label="model", elem_id="chat-model")
             with gr.Accordion("sampling", open=False):
-                max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="max new tokens")
+                max_new_tokens = gr.Slider(
+                    1, 1024, value=Settings.max_new_tokens, step=1, label="max new tokens", elem_id="chat-max-new-tokens"
+                )
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top p")
                 seed = gr.Number(0, precision=0, label="seed")
         with gr.Column(scale=3):
-            chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=380)
+            # Plain text: an answer is shown exactly as generated (no markdown rendering of model output).
+            chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=380, render_markdown=False)
             question = gr.Textbox(label="question", placeholder="Ask about the video…", elem_id="chat-question")
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="chat-send")
                 clear = gr.Button("Clear", elem_id="chat-clear")
-            frames = gr.Gallery(
-                label="the frames the model sees", columns=8, height=130, elem_id="chat-frames",
-                object_fit="contain",
-            )  # fmt: skip
             usage = gr.Markdown(elem_id="chat-usage")
+    frames = gr.Gallery(
+        label="the frames the model sees (sampled, cropped and sized as its tower gets them)", columns=8,
+        height=170, elem_id="chat-frames", object_fit="contain", preview=False,
+    )  # fmt: skip
 
     @_shown_errors
     def show_frames(path: str | None, name: str) -> list:
@@ -139,14 +140,19 @@ def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
     import gradio as gr
 
     sections = form_fields(cuda_available=cuda_available)
-    fields: list[FormField] = [f for section in sections.values() for f in section]
+    # Component order: per section, its text fields, then its switches (as laid out below).
+    fields: list[FormField] = [
+        f for section in sections.values() for bools in (False, True) for f in section if (f.kind == "bool") == bools
+    ]
     components: list[Any] = []
     with gr.Row():
         with gr.Column(scale=3):
             for number, (section, section_fields) in enumerate(sections.items()):
-                with gr.Accordion(section, open=number < 2):
-                    with gr.Row():
-                        components += [_field_component(f) for f in section_fields]
+                with gr.Accordion(section, open=number < 2, elem_id=f"train-section-{section.lower()}"):
+                    # Switches in a row of their own: beside text fields Gradio squeezes them.
+                    for kinds in ([f for f in section_fields if f.kind != "bool"], [f for f in section_fields if f.kind == "bool"]):
+                        with gr.Row():
+                            components += [_field_component(f) for f in kinds]
             processes = gr.Number(
                 1, precision=0, label="processes", elem_id="train-processes",
                 info="More than 1 launches the DeepSpeed launcher (`deepspeed --num_gpus N --module vidlora.train`).",
@@ -156,14 +162,16 @@ def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
                 info="Any other `vidlora train` flags; a flag given here replaces the form's value.",
             )  # fmt: skip
         with gr.Column(scale=2):
-            command = gr.Code(label="command", language="shell", elem_id="train-command", wrap_lines=True)
+            command = gr.Code(
+                label="command", language="shell", elem_id="train-command", wrap_lines=True, lines=4, max_lines=10
+            )
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="train-start")
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                 resume = gr.Button("Resume", elem_id="train-resume")
             status = gr.Markdown("no job yet", elem_id="train-status")
             loss = gr.Image(label="train loss", elem_id="train-loss", type="pil", height=280)
-            log = gr.Textbox(label="log", lines=12, max_lines=12, autoscroll=True, elem_id="train-log")
+            log = gr.Code(label="log (last lines)", lines=12, max_lines=12, elem_id="train-log", wrap_lines=True)
     output_dir = components[[f.name for f in fields].index("output_dir")]
     plots = Path(tempfile.mkdtemp(prefix="vidlora-webui-"))
     shown: dict[str, Any] = {}
@@ -211,7 +219,7 @@ def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
                 with Image.open(path) as opened:
                     image = opened.copy()
                 shown[key] = points
-        return text, image, job.log_tail()
+        return text, image, job.log_tail(12)
 
     inputs = [*components, processes, extra]
     gr.on([c.change for c in inputs], preview, inputs, command)
@@ -240,8 +248,15 @@ def _data_tab(default_model: str) -> None:
         sample_id = gr.Dropdown([], label="sample id", elem_id="data-sample", allow_custom_value=True)
         show = gr.Button("Show sample", elem_id="data-show")
     summary = gr.Markdown(elem_id="data-summary")
-    frames = gr.Gallery(label="sampled frames (as the tower gets them)", columns=8, height=130, elem_id="data-frames")
-    images = gr.Gallery(label="images (as the tower gets them)", columns=8, height=130, elem_id="data-images")
+    with gr.Row():
+        frames = gr.Gallery(
+            label="sampled frames (as the tower gets them)", columns=8, height=150, elem_id="data-frames",
+            object_fit="contain", scale=3,
+        )  # fmt: skip
+        images = gr.Gallery(
+            label="images (as the tower gets them)", columns=2, height=150, elem_id="data-images",
+            object_fit="contain", scale=1,
+        )  # fmt: skip
     tokens = gr.HighlightedText(
         label="prompt tokens (highlighted: trained)", elem_id="data-tokens", combine_adjacent=False,
         color_map={TRAINED: "green", MEDIA: "blue"}, show_legend=True,

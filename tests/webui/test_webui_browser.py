@@ -1,0 +1,230 @@
+"""`vidlora webui` in a real browser: headless Chromium (the system's) driven by Playwright.
+
+The web UI runs as `vidlora webui` in its own process on a tiny LoRA checkpoint trained here; the
+test uploads a synthetic mp4, asks, reads the streamed answer from the page and compares it with
+what `Generator` gives for the same input (greedy), then starts a 5-step training from the Train
+tab and waits for the page to show it finished. Screenshots go to ``$VIDLORA_ARTIFACTS`` (else the
+test's tmp dir); ``VIDLORA_UPDATE_DOCS=1`` also writes them to docs/webui.png and docs/webui-train.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vidlora.data.records import Turn
+from vidlora.data.synthetic import generate_dataset
+from vidlora.infer.chat import first_message
+from vidlora.training.run_dir import TRAINER_STATE, scan_checkpoints
+from vidlora.webui.train_job import TrainJob
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = (
+    "the browser test needs Chromium: `apt-get install -y chromium chromium-driver` (Debian/Ubuntu; "
+    "`make setup` does it), and Playwright: pip install -e '.[dev]'"
+)
+QUESTION = "What is moving in the video?"
+VIDEO = "videos/eval_00001.mp4"
+MAX_NEW_TOKENS = 12
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail(INSTALL)
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        pytest.fail(INSTALL)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, 8, 2, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synth, tmp_path_factory) -> Path:
+    """A LoRA checkpoint of the tiny model, trained for 3 steps on the synthetic data."""
+    from vidlora.args import parse_train_args
+    from vidlora.training.recipe import run
+
+    out = tmp_path_factory.mktemp("trained")
+    argv = [
+        "--model_name_or_path", "tiny", "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16",
+        "--data_path", str(synth / "train.json"), "--video_folder", str(synth), "--image_folder", str(synth),
+        "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2",
+        "--save_strategy", "no", "--report_to", "none", "--tf32", "False", "--dataloader_num_workers", "0",
+        "--disable_tqdm", "True",
+    ]  # fmt: skip
+    run(*parse_train_args(argv))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, synth, tmp_path_factory):
+    """`vidlora webui` on the checkpoint, on a free port: yields its URL and the reference answer
+    (computed here while the server starts)."""
+    port = _free_port()
+    workdir = tmp_path_factory.mktemp("webui")
+    log = open(workdir / "webui.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "vidlora", "webui", "--model_path", str(checkpoint), "--port", str(port)]
+    command += ["--device", "cpu", "--dtype", "float32"]
+    process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+    expected = _reference_answer(checkpoint, synth / VIDEO)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"vidlora webui exited with {process.returncode}:\n{(workdir / 'webui.log').read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, (workdir / "webui.log").read_text()
+        time.sleep(0.3)
+    yield url, expected
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    root = os.environ.get("VIDLORA_ARTIFACTS")
+    out = Path(root) / "webui" if root else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _reference_answer(checkpoint: Path, video: Path) -> str:
+    """What the one generation path answers for the page's conversation (greedy)."""
+    from vidlora.infer.adapters import ModelSet
+    from vidlora.infer.generate import Request, Sampling
+
+    models = ModelSet.load(str(checkpoint), device="cpu", dtype="float32")
+    turns = [Turn("human", first_message(QUESTION, video, []))]
+    with models.use(models.names[0]) as generator:
+        return generator.complete([Request("ref", turns, video, [])], Sampling(max_new_tokens=MAX_NEW_TOKENS))[0].text
+
+
+def _fold(page, section: str) -> None:
+    """Open or close a section of the Train form."""
+    page.locator(f"#train-section-{section.lower()}").get_by_text(section, exact=True).first.click()
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+# Records every text the last answer of the chat shows, as it changes.
+WATCH_ANSWER = """() => {
+  window.seenAnswers = [];
+  const root = document.querySelector('#chatbot');
+  new MutationObserver(() => {
+    const bots = root.querySelectorAll('[data-testid="bot"]');
+    if (bots.length) window.seenAnswers.push(bots[bots.length - 1].innerText);
+  }).observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_chat_and_train_in_the_browser(server, checkpoint, synth, artifacts, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = _chromium()
+    url, expected = server
+    video = synth / VIDEO
+    shots = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+
+        # -- Chat: upload, see the model's frames, ask, read the streamed answer ---------------------
+        page.set_input_files("#chat-video input[type=file]", str(video))
+        expect(page.locator("#chat-frames img")).to_have_count(8)
+        page.get_by_text("sampling").click()
+        page.fill("#chat-max-new-tokens input[type=number]", str(MAX_NEW_TOKENS))
+        page.press("#chat-max-new-tokens input[type=number]", "Enter")
+        page.evaluate(WATCH_ANSWER)
+        page.fill("#chat-question textarea", QUESTION)
+        page.click("#chat-send")
+        expect(page.locator("#chat-usage")).to_contain_text(f"{MAX_NEW_TOKENS} generated")
+        answers = page.locator("#chatbot [data-testid='bot']")
+        shown = answers.last.inner_text()
+        assert _words(shown) == _words(expected)
+        seen = [_words(s) for s in page.evaluate("window.seenAnswers") if s.strip()]
+        partial = [s for s in dict.fromkeys(seen) if s != _words(expected)]
+        assert partial, "the answer appeared at once, not streamed"
+        assert all(_words(expected).startswith(s) for s in partial)
+        shots.append(artifacts / "webui.png")
+        page.screenshot(path=shots[-1], full_page=True)
+
+        # A follow-up sees the conversation; Clear empties it.
+        page.fill("#chat-question textarea", "And its colour?")
+        page.click("#chat-send")
+        expect(page.locator("#chatbot [data-testid='user']")).to_have_count(2)
+        expect(answers).to_have_count(2)
+        page.click("#chat-clear")
+        expect(answers).to_have_count(0)
+        expect(page.locator("#chat-frames img")).to_have_count(0)
+
+        # -- Train: the seed's form, pointed at the tiny model and the synthetic data -------------------
+        out = tmp_path / "run"
+        page.get_by_role("tab", name="Train").click()
+        _fold(page, "Training")
+        for name, value in {
+            "model_name_or_path": "tiny", "video_tower": "", "image_tower": "", "cache_dir": str(tmp_path / "cache"),
+            "data_path": str(synth / "train.json"), "video_folder": str(synth), "image_folder": str(synth),
+            "output_dir": str(out), "deepspeed": "",
+        }.items():  # fmt: skip
+            page.fill(f"#train-{name} textarea", value)
+        page.fill(
+            "#train-extra textarea",
+            "--max_steps 5 --gradient_accumulation_steps 1 --evaluation_strategy no --report_to none "
+            "--dataloader_num_workers 0",
+        )
+        expect(page.locator("#train-command")).to_contain_text("--max_steps 5")
+        command = page.locator("#train-command").inner_text()
+        assert "--lora_r 128 --lora_alpha 256" in _words(command)
+        page.click("#train-start")
+        expect(page.locator("#train-status")).to_contain_text("finished", timeout=120_000)
+        expect(page.locator("#train-loss img")).to_be_visible()
+        expect(page.locator("#train-status")).to_contain_text("step 5")
+        _fold(page, "Model")  # folded for the screenshot
+        _fold(page, "Data")
+        shots.append(artifacts / "webui-train.png")
+        page.screenshot(path=shots[-1], full_page=True)
+        browser.close()
+
+    latest = scan_checkpoints(out).latest
+    assert latest is not None and latest.name == "checkpoint-5"
+    history = json.loads((latest / TRAINER_STATE).read_text())["log_history"]
+    job = TrainJob.find(out)
+    assert job is not None and job.state() == "finished"
+    assert job.loss_points() == [(e["step"], e["loss"]) for e in history if "loss" in e]
+    if os.environ.get("VIDLORA_UPDATE_DOCS") == "1":
+        for shot in shots:
+            shutil.copyfile(shot, REPO / "docs" / shot.name)
