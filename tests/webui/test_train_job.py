@@ -6,7 +6,6 @@ import json
 import re
 import shlex
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -61,7 +60,12 @@ def default_form_flags(cuda_available: bool, extra: str = "") -> list[str]:
 @pytest.mark.parametrize("cuda_available", [False, True])
 def test_the_untouched_form_is_the_seed_command(cuda_available):
     seed = seed_script_flags(cuda_available)
-    assert seed[:4] == ["--deepspeed", "configs/zero3.json", "--model_name_or_path", "LanguageBind/Video-LLaVA-7B"]
+    assert seed[:4] == [
+        "--deepspeed",
+        "configs/zero3.json",
+        "--model_name_or_path",
+        "LanguageBind/Video-LLaVA-7B",
+    ]
     assert len(seed) == 81  # 40 flags (--X takes two values), so a change to the script is seen here
     form = default_form_flags(cuda_available)
     # Every value the parser ends up with is the same: the seed's flags, and defaults elsewhere.
@@ -77,7 +81,12 @@ def test_more_arguments_replace_the_form_value_in_place():
     assert flags[flags.index("--X") + 1 : flags.index("--X") + 3] == ["Video", "--cache_dir"]
     assert flags[-2:] == ["--seed", "3"]  # not in the form: appended
     values = parsed(flags)
-    assert (values["max_steps"], values["report_to"], values["seed"], values["X"]) == (5, "none", 3, ["Video"])
+    assert (values["max_steps"], values["report_to"], values["seed"], values["X"]) == (
+        5,
+        "none",
+        3,
+        ["Video"],
+    )
     assert launch_words(flags, 2)[:5] == ["deepspeed", "--num_gpus", "2", "--module", "vidlora.train"]
     assert launch_words(flags)[:2] == ["vidlora", "train"]
 
@@ -138,7 +147,11 @@ def test_a_job_is_found_again_from_its_output_dir_stopped_and_resumed(tmp_path):
 
     again = launcher.resume(out)
     assert again.words == words and again.pid != job.pid
-    _wait(lambda: loss_points(out, again.log_path) == [(3, 2.5), (6, 2.25)] and child_file.read_text() != str(child))
+    _wait(
+        lambda: (
+            loss_points(out, again.log_path) == [(3, 2.5), (6, 2.25)] and child_file.read_text() != str(child)
+        )
+    )
     assert again.log_path.read_text().count(LAUNCH_MARKER) == 2
     assert again.stop()
     launcher.wait(again, timeout=20)

@@ -1,6 +1,6 @@
 """`vidlora webui` in a real browser: headless Chromium (the system's) driven by Playwright.
 
-The web UI runs as `vidlora webui` in its own process on a tiny LoRA checkpoint trained here; the
+The web UI runs as `vidlora webui` in its own process on a tiny LoRA checkpoint (conftest.py); the
 test uploads a synthetic mp4, asks, reads the streamed answer from the page and compares it with
 what `Generator` gives for the same input (greedy), then starts a 5-step training from the Train
 tab and waits for the page to show it finished. Screenshots go to ``$VIDLORA_ARTIFACTS`` (else the
@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from vidlora.data.records import Turn
-from vidlora.data.synthetic import generate_dataset
 from vidlora.infer.chat import first_message
 from vidlora.training.run_dir import TRAINER_STATE, scan_checkpoints
 from vidlora.webui.train_job import TrainJob
@@ -55,59 +54,35 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, 8, 2, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def checkpoint(synth, tmp_path_factory) -> Path:
-    """A LoRA checkpoint of the tiny model, trained for 3 steps on the synthetic data."""
-    from vidlora.args import parse_train_args
-    from vidlora.training.recipe import run
-
-    out = tmp_path_factory.mktemp("trained")
-    argv = [
-        "--model_name_or_path", "tiny", "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16",
-        "--data_path", str(synth / "train.json"), "--video_folder", str(synth), "--image_folder", str(synth),
-        "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2",
-        "--save_strategy", "no", "--report_to", "none", "--tf32", "False", "--dataloader_num_workers", "0",
-        "--disable_tqdm", "True",
-    ]  # fmt: skip
-    run(*parse_train_args(argv))
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, synth, tmp_path_factory):
+def server(webui_checkpoint, webui_synth, tmp_path_factory):
     """`vidlora webui` on the checkpoint, on a free port: yields its URL and the reference answer
     (computed here while the server starts)."""
     port = _free_port()
     workdir = tmp_path_factory.mktemp("webui")
-    log = open(workdir / "webui.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "vidlora", "webui", "--model_path", str(checkpoint), "--port", str(port)]
-    command += ["--device", "cpu", "--dtype", "float32"]
-    process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
-    expected = _reference_answer(checkpoint, synth / VIDEO)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"vidlora webui exited with {process.returncode}:\n{(workdir / 'webui.log').read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, (workdir / "webui.log").read_text()
-        time.sleep(0.3)
-    yield url, expected
-    process.terminate()
-    process.wait(30)
-    log.close()
+    with open(workdir / "webui.log", "w") as log:
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+        command = [sys.executable, "-m", "vidlora", "webui", "--model_path", str(webui_checkpoint)]
+        command += ["--port", str(port), "--device", "cpu", "--dtype", "float32"]
+        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+        expected = _reference_answer(webui_checkpoint, webui_synth / VIDEO)
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"vidlora webui exited with {process.returncode}:\n{(workdir / 'webui.log').read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (workdir / "webui.log").read_text()
+            time.sleep(0.3)
+        yield url, expected
+        process.terminate()
+        process.wait(30)
 
 
 @pytest.fixture
@@ -126,7 +101,9 @@ def _reference_answer(checkpoint: Path, video: Path) -> str:
     models = ModelSet.load(str(checkpoint), device="cpu", dtype="float32")
     turns = [Turn("human", first_message(QUESTION, video, []))]
     with models.use(models.names[0]) as generator:
-        return generator.complete([Request("ref", turns, video, [])], Sampling(max_new_tokens=MAX_NEW_TOKENS))[0].text
+        return generator.complete(
+            [Request("ref", turns, video, [])], Sampling(max_new_tokens=MAX_NEW_TOKENS)
+        )[0].text
 
 
 def _fold(page, section: str) -> None:
@@ -149,11 +126,12 @@ WATCH_ANSWER = """() => {
 }"""
 
 
-def test_chat_and_train_in_the_browser(server, checkpoint, synth, artifacts, tmp_path):
+def test_chat_and_train_in_the_browser(server, webui_synth, artifacts, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     chromium = _chromium()
     url, expected = server
+    synth = webui_synth
     video = synth / VIDEO
     shots = []
     with sync_playwright() as playwright:
@@ -164,14 +142,14 @@ def test_chat_and_train_in_the_browser(server, checkpoint, synth, artifacts, tmp
 
         # -- Chat: upload, see the model's frames, ask, read the streamed answer ---------------------
         page.set_input_files("#chat-video input[type=file]", str(video))
-        expect(page.locator("#chat-frames img")).to_have_count(8)
+        expect(page.locator("#chat-frames img")).to_have_count(8, timeout=30_000)
         page.get_by_text("sampling").click()
-        page.fill("#chat-max-new-tokens input[type=number]", str(MAX_NEW_TOKENS))
-        page.press("#chat-max-new-tokens input[type=number]", "Enter")
+        page.fill("#chat-max-new-tokens input[type=range]", str(MAX_NEW_TOKENS))
+        expect(page.locator("#chat-max-new-tokens input[type=number]")).to_have_value(str(MAX_NEW_TOKENS))
         page.evaluate(WATCH_ANSWER)
         page.fill("#chat-question textarea", QUESTION)
         page.click("#chat-send")
-        expect(page.locator("#chat-usage")).to_contain_text(f"{MAX_NEW_TOKENS} generated")
+        expect(page.locator("#chat-usage")).to_contain_text(f"{MAX_NEW_TOKENS} generated", timeout=60_000)
         answers = page.locator("#chatbot [data-testid='bot']")
         shown = answers.last.inner_text()
         assert _words(shown) == _words(expected)
@@ -186,7 +164,7 @@ def test_chat_and_train_in_the_browser(server, checkpoint, synth, artifacts, tmp
         page.fill("#chat-question textarea", "And its colour?")
         page.click("#chat-send")
         expect(page.locator("#chatbot [data-testid='user']")).to_have_count(2)
-        expect(answers).to_have_count(2)
+        expect(answers).to_have_count(2, timeout=60_000)
         page.click("#chat-clear")
         expect(answers).to_have_count(0)
         expect(page.locator("#chat-frames img")).to_have_count(0)
@@ -210,11 +188,18 @@ def test_chat_and_train_in_the_browser(server, checkpoint, synth, artifacts, tmp
         command = page.locator("#train-command").inner_text()
         assert "--lora_r 128 --lora_alpha 256" in _words(command)
         page.click("#train-start")
+        expect(page.locator("#train-status")).to_contain_text("running", timeout=30_000)
+        # The job is the server's and the output dir's, not the page's: a reload finds it again.
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        _fold(page, "Training")
+        expect(page.locator("#train-output_dir textarea")).to_have_value(str(out))
         expect(page.locator("#train-status")).to_contain_text("finished", timeout=120_000)
         expect(page.locator("#train-loss img")).to_be_visible()
         expect(page.locator("#train-status")).to_contain_text("step 5")
         _fold(page, "Model")  # folded for the screenshot
         _fold(page, "Data")
+        expect(page.locator("#train-log")).to_contain_text("train_runtime")
         shots.append(artifacts / "webui-train.png")
         page.screenshot(path=shots[-1], full_page=True)
         browser.close()

@@ -20,7 +20,9 @@ from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidlora webui", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_path", default=None, help="the model to chat with (a checkpoint, a preset)")
-    parser.add_argument("--model_base", default=None, help="the base of a LoRA --model_path, instead of the recorded one")
+    parser.add_argument(
+        "--model_base", default=None, help="the base of a LoRA --model_path, instead of the recorded one"
+    )
     parser.add_argument(
         "--adapters", nargs="+", default=[], metavar="NAME=PATH", help="more LoRA checkpoints to choose from"
     )
@@ -48,9 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_path is None:
             raise UsageError("--adapters needs --model_path (the model they were trained on, or one of them)")
         models = ModelSet.load(
-            args.model_path, model_base=args.model_base, adapters=adapters, device=args.device, dtype=args.dtype
+            args.model_path,
+            model_base=args.model_base,
+            adapters=adapters,
+            device=args.device,
+            dtype=args.dtype,
         )
         print(f"vidlora webui: serving {', '.join(models.names)}", file=sys.stderr)
     app = build_app(models, data_model=args.model_path or "tiny", cuda_available=torch.cuda.is_available())
-    app.queue().launch(server_name=args.host, server_port=args.port, theme=theme(), show_error=True, quiet=False)
+    app.queue().launch(
+        server_name=args.host, server_port=args.port, theme=theme(), show_error=True, quiet=False
+    )
     return 0

@@ -59,7 +59,12 @@ def _shown_errors(fn: Callable) -> Callable:
 def _field_component(field: FormField) -> Any:
     import gradio as gr
 
-    common = {"label": field.flag, "info": field.help or None, "elem_id": f"train-{field.name}", "min_width": 240}
+    common: dict[str, Any] = {
+        "label": field.flag,
+        "info": field.help or None,
+        "elem_id": f"train-{field.name}",
+        "min_width": 240,
+    }
     if field.kind == "bool":
         return gr.Checkbox(value=bool(field.default), **common)
     if field.choices:
@@ -83,11 +88,18 @@ def _chat_tab(models: Any) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             video = gr.Video(label="video", sources=["upload"], elem_id="chat-video", height=220)
-            images = gr.File(label="images", file_count="multiple", file_types=["image"], elem_id="chat-images")
+            images = gr.File(
+                label="images", file_count="multiple", file_types=["image"], elem_id="chat-images"
+            )
             adapter = gr.Dropdown(names, value=names[0], label="model", elem_id="chat-model")
             with gr.Accordion("sampling", open=False):
                 max_new_tokens = gr.Slider(
-                    1, 1024, value=Settings.max_new_tokens, step=1, label="max new tokens", elem_id="chat-max-new-tokens"
+                    1,
+                    1024,
+                    value=Settings.max_new_tokens,
+                    step=1,
+                    label="max new tokens",
+                    elem_id="chat-max-new-tokens",
                 )
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top p")
@@ -95,7 +107,9 @@ def _chat_tab(models: Any) -> None:
         with gr.Column(scale=3):
             # Plain text: an answer is shown exactly as generated (no markdown rendering of model output).
             chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=380, render_markdown=False)
-            question = gr.Textbox(label="question", placeholder="Ask about the video…", elem_id="chat-question")
+            question = gr.Textbox(
+                label="question", placeholder="Ask about the video…", elem_id="chat-question"
+            )
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="chat-send")
                 clear = gr.Button("Clear", elem_id="chat-clear")
@@ -115,13 +129,12 @@ def _chat_tab(models: Any) -> None:
         if not text:
             yield history, conv, text, gr.update()
             return
-        media = (Path(path) if path and not conv.turns else None, tuple(Path(f) for f in files or ()))
-        conv = conv.ask(text, media[0], media[1] if not conv.turns else ())
+        conv = conv.ask(text, Path(path) if path else None, tuple(Path(f) for f in files or ()))
         history = [*(history or []), {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         settings = Settings(int(new_tokens), float(temp), float(p), int(seed_ or 0))
         for reply in stream_reply(models, name, conv, settings):
             history[-1] = {"role": "assistant", "content": reply.text}
-            note = gr.update()
+            note: Any = gr.update()
             if reply.done:
                 c = reply.completion
                 conv = conv.answered(reply.text)
@@ -129,11 +142,32 @@ def _chat_tab(models: Any) -> None:
             yield history, conv, "", note
 
     outputs = [chatbot, conversation, question, usage]
-    inputs = [question, video, images, adapter, max_new_tokens, temperature, top_p, seed, chatbot, conversation]
+    inputs = [
+        question,
+        video,
+        images,
+        adapter,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        chatbot,
+        conversation,
+    ]
     send.click(respond, inputs, outputs)
     question.submit(respond, inputs, outputs)
     video.change(show_frames, [video, adapter], frames)
-    clear.click(lambda: ([], Conversation(), None, None, [], ""), None, [chatbot, conversation, video, images, frames, usage])
+    clear.click(
+        lambda: ([], Conversation(), None, None, [], ""),
+        None,
+        [chatbot, conversation, video, images, frames, usage],
+    )
+
+
+def _rows(fields: list[FormField]) -> tuple[list[FormField], list[FormField]]:
+    """A form section's text fields, then its switches: a row of their own (beside text fields
+    Gradio squeezes them)."""
+    return [f for f in fields if f.kind != "bool"], [f for f in fields if f.kind == "bool"]
 
 
 def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
@@ -141,18 +175,15 @@ def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
 
     sections = form_fields(cuda_available=cuda_available)
     # Component order: per section, its text fields, then its switches (as laid out below).
-    fields: list[FormField] = [
-        f for section in sections.values() for bools in (False, True) for f in section if (f.kind == "bool") == bools
-    ]
+    fields = [f for section in sections.values() for row in _rows(section) for f in row]
     components: list[Any] = []
     with gr.Row():
         with gr.Column(scale=3):
             for number, (section, section_fields) in enumerate(sections.items()):
                 with gr.Accordion(section, open=number < 2, elem_id=f"train-section-{section.lower()}"):
-                    # Switches in a row of their own: beside text fields Gradio squeezes them.
-                    for kinds in ([f for f in section_fields if f.kind != "bool"], [f for f in section_fields if f.kind == "bool"]):
+                    for row in _rows(section_fields):
                         with gr.Row():
-                            components += [_field_component(f) for f in kinds]
+                            components += [_field_component(f) for f in row]
             processes = gr.Number(
                 1, precision=0, label="processes", elem_id="train-processes",
                 info="More than 1 launches the DeepSpeed launcher (`deepspeed --num_gpus N --module vidlora.train`).",
@@ -163,7 +194,12 @@ def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
             )  # fmt: skip
         with gr.Column(scale=2):
             command = gr.Code(
-                label="command", language="shell", elem_id="train-command", wrap_lines=True, lines=4, max_lines=10
+                label="command",
+                language="shell",
+                elem_id="train-command",
+                wrap_lines=True,
+                lines=4,
+                max_lines=10,
             )
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -171,7 +207,9 @@ def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
                 resume = gr.Button("Resume", elem_id="train-resume")
             status = gr.Markdown("no job yet", elem_id="train-status")
             loss = gr.Image(label="train loss", elem_id="train-loss", type="pil", height=280)
-            log = gr.Code(label="log (last lines)", lines=12, max_lines=12, elem_id="train-log", wrap_lines=True)
+            log = gr.Code(
+                label="log (last lines)", lines=12, max_lines=12, elem_id="train-log", wrap_lines=True
+            )
     output_dir = components[[f.name for f in fields].index("output_dir")]
     plots = Path(tempfile.mkdtemp(prefix="vidlora-webui-"))
     shown: dict[str, Any] = {}
@@ -280,7 +318,9 @@ def _data_tab(default_model: str) -> None:
     show.click(view, [*fields, sample_id], [summary, frames, images, tokens])
 
 
-def build_app(models: Any, *, jobs: Jobs | None = None, data_model: str = "tiny", cuda_available: bool = False):
+def build_app(
+    models: Any, *, jobs: Jobs | None = None, data_model: str = "tiny", cuda_available: bool = False
+):
     """The web UI's ``gr.Blocks`` (not launched): Chat over ``models`` (a ModelSet, or None), Train
     with ``jobs``, Data reading samples with ``data_model``'s processor."""
     import gradio as gr
@@ -302,9 +342,9 @@ def build_app(models: Any, *, jobs: Jobs | None = None, data_model: str = "tiny"
             last = jobs.last_output_dir
             if last is None:
                 return gr.update(), preview(*values)
-            values = list(values)
-            values[inputs.index(output_dir)] = last
-            return last, preview(*values)
+            shown = list(values)
+            shown[inputs.index(output_dir)] = last
+            return last, preview(*shown)
 
         app.load(on_load, inputs, [output_dir, command])
     return app

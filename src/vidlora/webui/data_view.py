@@ -63,7 +63,10 @@ def token_segments(
     """A tokenized sample as (text, label) pieces for highlighting: runs of trained / untrained text
     tokens decoded together (label :data:`TRAINED` or None), and each expanded media placeholder as one
     ``<video>`` / ``<image>`` piece (label :data:`MEDIA`) however many positions it fills."""
-    media = {media_ids.video: (VIDEO_PLACEHOLDER, counts.video), media_ids.image: (IMAGE_PLACEHOLDER, counts.image)}
+    media = {
+        media_ids.video: (VIDEO_PLACEHOLDER, counts.video),
+        media_ids.image: (IMAGE_PLACEHOLDER, counts.image),
+    }
     pieces: list[tuple[str, str | None]] = []
     run: list[int] = []
     run_label: str | None = None
@@ -142,7 +145,9 @@ def sample_view(argv: Sequence[str], sample_id: str) -> SampleView:
             pixels = video_pixels(processor, prepared.video, None, timeout_s=data_args.decode_timeout)
             frames = list(unnormalise(pixels, spec.mean, spec.std))
         images = [
-            unnormalise(image_pixels(processor, p, None), spec.mean, spec.std) for p in prepared.images if p.is_file()
+            unnormalise(image_pixels(processor, p, None), spec.mean, spec.std)
+            for p in prepared.images
+            if p.is_file()
         ]
     except (OSError, ValueError, TimeoutError) as err:  # MediaError is a ValueError
         problems.append(str(err))
@@ -152,11 +157,9 @@ def sample_view(argv: Sequence[str], sample_id: str) -> SampleView:
         return SampleView(frames, images, [], 0, 0, [*problems, str(err)])
 
     def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False)
+        return str(tokenizer.decode(ids, skip_special_tokens=False))
 
     segments = token_segments(
         tokenized.input_ids, tokenized.labels, decode, media_token_ids(tokenizer), processor.counts
     )
-    return SampleView(
-        frames, images, segments, len(tokenized.input_ids), tokenized.num_trained, problems
-    )
+    return SampleView(frames, images, segments, len(tokenized.input_ids), tokenized.num_trained, problems)

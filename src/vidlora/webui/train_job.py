@@ -376,7 +376,9 @@ class Jobs:
         output_dir = Path(output).resolve()
         current = self.find(output_dir)
         if current is not None and current.running:
-            raise UsageError(f"{output_dir}: a training job (pid {current.pid}) is running there; stop it first")
+            raise UsageError(
+                f"{output_dir}: a training job (pid {current.pid}) is running there; stop it first"
+            )
         output_dir.mkdir(parents=True, exist_ok=True)
         overwrite = (flag_value(words, "overwrite_output_dir") or "False").lower() in ("true", "1", "yes")
         start_step = 0 if overwrite else latest_checkpoint_step(output_dir)
@@ -499,4 +501,3 @@ def plot_points(points: Sequence[tuple[int, float]], path: Path) -> Path | None:
     from vidlora.training.plots import plot_loss_curve
 
     return plot_loss_curve([{"step": s, "loss": v} for s, v in points], path, title="train loss")
-
