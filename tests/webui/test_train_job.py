@@ -21,8 +21,10 @@ from vidlora.webui.train_job import (
     TrainJob,
     flags_from_form,
     form_fields,
+    form_from_flags,
     launch_words,
     loss_points,
+    split_launch,
 )
 
 SEED_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "finetune_lora.sh"
@@ -89,6 +91,26 @@ def test_more_arguments_replace_the_form_value_in_place():
     )
     assert launch_words(flags, 2)[:5] == ["deepspeed", "--num_gpus", "2", "--module", "vidlora.train"]
     assert launch_words(flags)[:2] == ["vidlora", "train"]
+
+
+def test_a_jobs_command_fills_the_form_back():
+    fields = [f for section in form_fields().values() for f in section]
+    extra = "--max_steps 5 --seed 3 --X Video --deepspeed configs/zero2.json --bf16 False"
+    flags = flags_from_form(fields, [f.default for f in fields], extra)
+    for processes in (1, 4):
+        back, count = split_launch(launch_words(flags, processes))
+        assert (back, count) == (flags, processes)
+    values, more = form_from_flags(fields, flags)
+    assert more == "--seed 3"
+    assert flags_from_form(fields, values, more) == flags
+    by_name = dict(zip([f.name for f in fields], values, strict=True))
+    assert (by_name["max_steps"], by_name["X"], by_name["bf16"], by_name["lora_r"]) == (
+        5,
+        "Video",
+        False,
+        128,
+    )
+    assert by_name["eval_data_path"] == "" and by_name["mm_projector_lr"] is None  # absent: left empty
 
 
 # A stand-in for `vidlora train`: prints two of the Trainer's log dicts, starts a child (the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -140,7 +141,30 @@ def test_chat_and_train_in_the_browser(server, webui_synth, artifacts, tmp_path)
         page.set_default_timeout(60_000)
         page.goto(url)
 
+        # -- Train: the seed's form, pointed at the tiny model and the synthetic data; it runs meanwhile ----
+        out = tmp_path / "run"
+        page.get_by_role("tab", name="Train").click()
+        # The page's load event fills the form (and the command) first; then it is ours.
+        expect(page.locator("#train-command textarea")).to_have_value(re.compile("^vidlora train"))
+        _fold(page, "Training")
+        for name, value in {
+            "model_name_or_path": "tiny", "video_tower": "", "image_tower": "", "cache_dir": str(tmp_path / "cache"),
+            "data_path": str(synth / "train.json"), "video_folder": str(synth), "image_folder": str(synth),
+            "output_dir": str(out), "deepspeed": "",
+        }.items():  # fmt: skip
+            page.fill(f"#train-{name} textarea", value)
+        page.fill(
+            "#train-extra textarea",
+            "--max_steps 5 --gradient_accumulation_steps 1 --evaluation_strategy no --report_to none "
+            "--dataloader_num_workers 0",
+        )
+        expect(page.locator("#train-command textarea")).to_have_value(re.compile("--max_steps 5"))
+        command = page.locator("#train-command textarea").input_value()
+        assert "--lora_r 128 --lora_alpha 256" in _words(command)
+        page.click("#train-start")
+        expect(page.locator("#train-status")).to_contain_text("running", timeout=30_000)
         # -- Chat: upload, see the model's frames, ask, read the streamed answer ---------------------
+        page.get_by_role("tab", name="Chat").click()
         page.set_input_files("#chat-video input[type=file]", str(video))
         expect(page.locator("#chat-frames img")).to_have_count(8, timeout=30_000)
         page.get_by_text("sampling").click()
@@ -169,31 +193,23 @@ def test_chat_and_train_in_the_browser(server, webui_synth, artifacts, tmp_path)
         expect(answers).to_have_count(0)
         expect(page.locator("#chat-frames img")).to_have_count(0)
 
-        # -- Train: the seed's form, pointed at the tiny model and the synthetic data -------------------
-        out = tmp_path / "run"
-        page.get_by_role("tab", name="Train").click()
-        _fold(page, "Training")
-        for name, value in {
-            "model_name_or_path": "tiny", "video_tower": "", "image_tower": "", "cache_dir": str(tmp_path / "cache"),
-            "data_path": str(synth / "train.json"), "video_folder": str(synth), "image_folder": str(synth),
-            "output_dir": str(out), "deepspeed": "",
-        }.items():  # fmt: skip
-            page.fill(f"#train-{name} textarea", value)
-        page.fill(
-            "#train-extra textarea",
-            "--max_steps 5 --gradient_accumulation_steps 1 --evaluation_strategy no --report_to none "
-            "--dataloader_num_workers 0",
-        )
-        expect(page.locator("#train-command")).to_contain_text("--max_steps 5")
-        command = page.locator("#train-command").inner_text()
-        assert "--lora_r 128 --lora_alpha 256" in _words(command)
-        page.click("#train-start")
-        expect(page.locator("#train-status")).to_contain_text("running", timeout=30_000)
+        # -- Data: vidlora check, then one sample's tokens with the trained ones highlighted ----------
+        page.get_by_role("tab", name="Data").click()
+        page.fill("#data-path textarea", str(synth / "train.json"))
+        page.fill("#data-video-folder textarea", str(synth))
+        page.fill("#data-image-folder textarea", str(synth))
+        page.click("#data-check")
+        expect(page.locator("#data-report")).to_contain_text("8 valid record(s)", timeout=30_000)
+        page.click("#data-show")
+        expect(page.locator("#data-summary")).to_contain_text("trained", timeout=30_000)
+        expect(page.locator("#data-tokens")).to_contain_text("ASSISTANT:")
+
         # The job is the server's and the output dir's, not the page's: a reload finds it again.
         page.reload()
         page.get_by_role("tab", name="Train").click()
         _fold(page, "Training")
         expect(page.locator("#train-output_dir textarea")).to_have_value(str(out))
+        expect(page.locator("#train-command textarea")).to_have_value(command)  # the job's, not the seed's
         expect(page.locator("#train-status")).to_contain_text("finished", timeout=120_000)
         expect(page.locator("#train-loss img")).to_be_visible()
         expect(page.locator("#train-status")).to_contain_text("step 5")

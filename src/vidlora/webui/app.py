@@ -24,8 +24,10 @@ from vidlora.webui.train_job import (
     Jobs,
     flags_from_form,
     form_fields,
+    form_from_flags,
     launch_words,
     plot_points,
+    split_launch,
 )
 
 TITLE = "vidlora"
@@ -193,13 +195,13 @@ def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
                 info="Any other `vidlora train` flags; a flag given here replaces the form's value.",
             )  # fmt: skip
         with gr.Column(scale=2):
-            command = gr.Code(
+            command = gr.Textbox(
                 label="command",
-                language="shell",
                 elem_id="train-command",
-                wrap_lines=True,
-                lines=4,
-                max_lines=10,
+                lines=6,
+                max_lines=12,
+                buttons=["copy"],
+                interactive=False,
             )
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -265,7 +267,18 @@ def _train_tab(jobs: Jobs, cuda_available: bool) -> Any:
     stop.click(stop_job, output_dir, status)
     resume.click(resume_job, output_dir, command)
     gr.Timer(1.0).tick(refresh, output_dir, [status, loss, log])
-    return inputs, command, output_dir, preview
+
+    def restore(*values: Any) -> list[Any]:
+        # A refreshed page starts from the seed's form; the job of the web UI's last launch is found
+        # again from its output dir, and the form shows the command it runs.
+        job = jobs.find(jobs.last_output_dir) if jobs.last_output_dir else None
+        if job is None:
+            return [*values, preview(*values)]
+        flags, count = split_launch(job.words)
+        form, more = form_from_flags(fields, flags)
+        return [*form, count, more, job.command]
+
+    return inputs, command, restore
 
 
 def _resolved(directory: str) -> Path:
@@ -332,21 +345,11 @@ def build_app(
             with gr.Tab("Chat", id="chat"):
                 _chat_tab(models)
             with gr.Tab("Train", id="train"):
-                inputs, command, output_dir, preview = _train_tab(jobs, cuda_available)
+                inputs, command, restore = _train_tab(jobs, cuda_available)
             with gr.Tab("Data", id="data"):
                 _data_tab(data_model)
 
-        def on_load(*values: Any) -> tuple[Any, str]:
-            # A refreshed page starts from the seed's form; the job it was following is found again
-            # from the output dir of the web UI's last launch (the job file there holds the rest).
-            last = jobs.last_output_dir
-            if last is None:
-                return gr.update(), preview(*values)
-            shown = list(values)
-            shown[inputs.index(output_dir)] = last
-            return last, preview(*shown)
-
-        app.load(on_load, inputs, [output_dir, command])
+        app.load(restore, inputs, [*inputs, command])
     return app
 
 

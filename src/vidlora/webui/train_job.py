@@ -230,6 +230,44 @@ def launch_words(flags: Sequence[str], processes: int = 1) -> list[str]:
     return ["vidlora", "train", *flags]
 
 
+def split_launch(words: Sequence[str]) -> tuple[list[str], int]:
+    """The inverse of :func:`launch_words`: the flags and the process count of a command."""
+    if list(words[:2]) == ["vidlora", "train"]:
+        return list(words[2:]), 1
+    if words[:1] == ["deepspeed"] and "vidlora.train" in words:
+        at = list(words).index("vidlora.train")
+        return list(words[at + 1 :]), int(flag_value(words[:at], "num_gpus") or 1)
+    raise UsageError(f"not a command the web UI builds: {shlex.join(words)}")
+
+
+def form_from_flags(fields: Sequence[FormField], flags: Sequence[str]) -> tuple[list[Any], str]:
+    """The inverse of :func:`flags_from_form`: each field's value in ``flags`` (empty when absent),
+    and the flags the form has no field for, as "more arguments"."""
+    given: dict[str, list[str]] = {}
+    order: list[str] = []
+    for word in flags:
+        if word.startswith("--"):
+            order.append(word[2:])
+            given[order[-1]] = []
+        elif order:
+            given[order[-1]].append(word)
+    values: list[Any] = []
+    for field in fields:
+        words = given.pop(field.name, None)
+        if words is None:
+            values.append(False if field.kind == "bool" else None if field.kind in ("int", "float") else "")
+        elif field.kind == "bool":
+            values.append(bool(words) and words[-1].lower() in ("true", "1", "yes"))
+        elif field.kind in ("int", "float"):
+            values.append(float(words[-1]) if field.kind == "float" else int(float(words[-1])))
+        elif field.kind == "list":
+            values.append(shlex.join(words))
+        else:
+            values.append(words[-1] if words else "")
+    extra = [w for name in order if name in given for w in (f"--{name}", *given[name])]
+    return values, shlex.join(extra)
+
+
 def _executable(words: Sequence[str]) -> list[str]:
     """``words`` with the launcher resolved next to this interpreter (the venv the web UI runs in)."""
     here = Path(sys.executable).parent
