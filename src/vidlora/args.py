@@ -7,10 +7,14 @@ old names (`--evaluation_strategy`, `--warmup_ratio`, `--X`, `--lazy_preprocess`
 the decode timeout: `data.media`); the rest live here. `vidlora check` parses the same
 `ModelArguments` and `DataArguments` as training, so it reads the data under the same rules.
 ``parse_train_args`` / ``parse_check_args`` report every problem at once, before any model is loaded.
+`vidlora train config.yaml [--flag value …]` reads the same flags from a YAML mapping (command-line
+flags win); the YAML becomes command-line tokens, so it is checked by the very same parser.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib.metadata
 import importlib.util
 import json
@@ -18,6 +22,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +47,11 @@ from vidlora.model.configuration import (
     DEFAULT_SELECT_LAYER,
     attn_implementation_problem,
 )
+from vidlora.model.lora import ALL_LINEAR
+from vidlora.quiet import quiet_imports
+
+with quiet_imports():  # transformers' TrainingArguments imports PEFT, which imports bitsandbytes
+    from transformers import TrainingArguments as HfTrainingArguments
 
 #: `--X` spells the processor's modalities capitalised, as the original does.
 SUPPORTED_MODALITIES = tuple(m.capitalize() for m in MEDIA_MODALITIES)
@@ -55,6 +65,12 @@ QUANT_BITS = (4, 8, 16)
 #: hundred points to something systematic (a truncated copy, a codec the decoder lacks, a failing
 #: disk) that silently thinning the data would hide.
 DEFAULT_MAX_BAD_SAMPLE_FRACTION = 0.01
+#: A positional argument with one of these suffixes is a config file of flags.
+CONFIG_SUFFIXES = (".yaml", ".yml")
+#: Flags a resolved config leaves out: what one invocation does to the output directory (delete it,
+#: pick a checkpoint), where a launcher places the process, and a secret. With them, rerunning a
+#: run's own config.yaml could delete the run it describes.
+CONFIG_EXCLUDED = frozenset({"overwrite_output_dir", "resume_from_checkpoint", "local_rank", "hub_token"})
 
 
 class ArgumentProblems(VidloraError, ValueError):
@@ -201,7 +217,7 @@ class DataArguments:
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
+class TrainingArguments(HfTrainingArguments):
     bits: int = field(default=16, metadata={"help": "16, or 4/8 for QLoRA (the LLM only is quantized)."})
     double_quant: bool = field(default=True, metadata={"help": "QLoRA double quantization."})
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
@@ -210,6 +226,31 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_bias: str = field(default="none", metadata={"help": "none | all | lora_only."})
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: LoRA on the direction of each weight plus a trained magnitude (PEFT's)."},
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={
+            "help": "Rank-stabilized LoRA: adapters scaled by lora_alpha/sqrt(lora_r), not lora_alpha/lora_r."
+        },
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA+: the B matrices learn at --learning_rate times this (the paper suggests 16); the A "
+            "matrices at --learning_rate, the projector at --mm_projector_lr."
+        },
+    )
+    lora_target: list[str] = field(
+        default_factory=lambda: [ALL_LINEAR],
+        metadata={
+            "help": "The LLM's linear layers that get LoRA, by name (q_proj v_proj ...), or all-linear: every "
+            "one but lm_head. Never the towers or the projector.",
+            "nargs": "+",
+        },
+    )
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate."})
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "One modality per step, similar lengths together."}
@@ -448,6 +489,26 @@ def training_problems(
         problems.append(f"--lora_bias {train.lora_bias}: use one of {', '.join(LORA_BIASES)}.")
     if train.lora_enable and train.lora_r < 1:
         problems.append(f"--lora_r {train.lora_r}: must be at least 1.")
+    targets = list(train.lora_target)
+    if ALL_LINEAR in targets and len(targets) > 1:
+        problems.append(
+            f"--lora_target {' '.join(targets)}: {ALL_LINEAR} already means every linear layer of the LLM; "
+            "give it alone, or only layer names."
+        )
+    if train.loraplus_lr_ratio is not None and train.loraplus_lr_ratio <= 0:
+        problems.append(f"--loraplus_lr_ratio {train.loraplus_lr_ratio}: must be positive (16 is usual).")
+    variants = [
+        flag
+        for flag, given in (
+            ("--use_dora True", train.use_dora),
+            ("--use_rslora True", train.use_rslora),
+            (f"--loraplus_lr_ratio {train.loraplus_lr_ratio}", train.loraplus_lr_ratio is not None),
+            (f"--lora_target {' '.join(targets)}", targets != [ALL_LINEAR]),
+        )
+        if given
+    ]
+    if variants and not train.lora_enable:
+        problems.append(f"{', '.join(variants)}: LoRA settings, which need --lora_enable True.")
     if getattr(train, "use_liger_kernel", False):
         problems.append(
             "--use_liger_kernel True is not supported: Liger patches transformers' LLaMA classes process-wide "
@@ -480,17 +541,127 @@ class CheckArguments:
     no_progress: bool = field(default=False, metadata={"help": "No progress bar."})
 
 
-def _parse(argv: list[str] | None, dtypes: tuple[Any, ...], check: Callable[..., list[str]]) -> list[Any]:
+def _parser(dtypes: tuple[Any, ...]) -> transformers.HfArgumentParser:
+    # exit_on_error=False: a bad value raises ArgumentError, reported as one of the problems.
+    return transformers.HfArgumentParser(dtypes, exit_on_error=False)
+
+
+def _parse_known(
+    parser: transformers.HfArgumentParser, argv: list[str], where: str = ""
+) -> tuple[dict[str, Any], list[str]]:
+    try:
+        namespace, leftover = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        # "--lora_r/--lora-r": the flag as the user spells it, not its dashed alias too.
+        flag = (err.argument_name or "").split("/")[0]
+        raise ArgumentProblems(
+            [f"{where}argument {flag}: {err.message}" if flag else f"{where}{err}"]
+        ) from err
+    return vars(namespace), leftover
+
+
+def _config_tokens(path: Path, parser: transformers.HfArgumentParser, names: list[str]) -> list[str]:
+    """A YAML config (a mapping flag name -> value) as command-line tokens; every problem with its
+    keys raises :class:`ArgumentProblems` naming the file, and its values go through the parser."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ArgumentProblems([f"{path}: cannot read the config file ({err.strerror or err})"]) from err
+    except yaml.YAMLError as err:
+        raise ArgumentProblems([f"{path}: not valid YAML ({err})"]) from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ArgumentProblems(
+            [f"{path}: must be a mapping of flag names to values, not {type(data).__name__}"]
+        )
+    tokens: list[str] = []
+    problems = []
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{path}: unknown key {key!r}: not a flag of vidlora train{hint}")
+        elif value == parser.get_default(key):
+            continue  # the default (null, [] included, which no command line can spell)
+        elif value is None or value == []:
+            problems.append(f"{path}: {key}: {value}; give a value, or leave the key out for the default")
+        elif isinstance(value, list) and all(not isinstance(v, list | dict) for v in value):
+            listed = [f"--{key}", *map(_token, value)]
+            if _parse_known(parser, listed, where=f"{path}: ")[1]:
+                problems.append(f"{path}: {key}: a list of {len(value)}, but --{key} takes one value")
+            tokens += listed
+        else:
+            tokens += [f"--{key}", _token(value)]
+    if problems:
+        raise ArgumentProblems(problems)
+    _parse_known(parser, tokens, where=f"{path}: ")  # a bad value is reported with the file named
+    return tokens
+
+
+def _token(value: Any) -> str:
+    """A YAML value as the parser reads it on the command line (a mapping as JSON, as the Trainer's
+    dict-valued flags take it)."""
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _expand_config(parser: transformers.HfArgumentParser, argv: list[str], names: list[str]) -> list[str]:
+    """``argv`` with its config file (a positional ``*.yaml``) replaced by the file's flags, put first
+    so that the command line's own flags override them."""
+    _, leftover = _parse_known(parser, argv)
+    configs = [arg for arg in leftover if arg.endswith(CONFIG_SUFFIXES) and not arg.startswith("-")]
+    if not configs:
+        return argv
+    if len(configs) > 1:
+        raise ArgumentProblems([f"one config file at a time, got {', '.join(configs)}"])
+    rest = list(argv)
+    rest.remove(configs[0])
+    return [*_config_tokens(Path(configs[0]), parser, names), *rest]
+
+
+def _plain(value: Any) -> Any:
+    """A parsed value as YAML writes it (enums by value)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _read(
+    argv: list[str] | None, dtypes: tuple[Any, ...], *, config_file: bool
+) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """The parsed values of ``argv`` (its config file read), the tokens left over, and the config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(dtypes)
+    names = [f.name for dtype in dtypes for f in fields(dtype) if f.init]
+    if config_file:
+        argv = _expand_config(parser, argv, names)
+    values, leftover = _parse_known(parser, argv)
+    config = {name: _plain(values[name]) for name in names if name in values and name not in CONFIG_EXCLUDED}
+    return values, leftover, config
+
+
+def _parse(
+    argv: list[str] | None,
+    dtypes: tuple[Any, ...],
+    check: Callable[..., list[str]],
+    *,
+    config_file: bool = False,
+) -> tuple[list[Any], dict[str, Any]]:
     """Parse ``argv`` into ``dtypes``; ``check(raw namespaces)`` returns problems; all reported at once.
+    Returns the built dataclasses and the resolved flags (see :func:`parse_train_config`).
 
     The checks run on the raw values first, so one run reports everything that is wrong instead
-    of stopping at the first dataclass that refuses to build.
+    of stopping at the first dataclass that refuses to build. ``config_file``: a positional YAML
+    file supplies flags (:func:`_expand_config`).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = transformers.HfArgumentParser(dtypes)
-    namespace, leftover = parser.parse_known_args(argv)
+    values, leftover, config = _read(argv, dtypes, config_file=config_file)
     problems = [f"unknown argument {arg!r}" for arg in leftover if arg.startswith("-")]
-    values = vars(namespace)
     raw = [
         SimpleNamespace(**{f.name: values[f.name] for f in fields(dtype) if f.init and f.name in values})
         for dtype in dtypes
@@ -506,7 +677,7 @@ def _parse(argv: list[str] | None, dtypes: tuple[Any, ...], check: Callable[...,
             problems.append(f"{dtype.__name__}: {err}")
     if problems:
         raise ArgumentProblems(problems)
-    return built
+    return built, config
 
 
 def parse_train_args(
@@ -516,6 +687,22 @@ def parse_train_args(
     bf16_supported: bool | None = None,
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse the original's command line; raise ArgumentProblems listing every problem at once."""
+    model, data, train, _ = parse_train_config(
+        argv, cuda_available=cuda_available, bf16_supported=bf16_supported
+    )
+    return model, data, train
+
+
+def parse_train_config(
+    argv: list[str] | None = None,
+    *,
+    cuda_available: bool | None = None,
+    bf16_supported: bool | None = None,
+) -> tuple[ModelArguments, DataArguments, TrainingArguments, dict[str, Any]]:
+    """:func:`parse_train_args`, plus the run's resolved config: every flag a user can set (but
+    :data:`CONFIG_EXCLUDED`) with its value after the config file, the command line and the
+    defaults, as parsed (before the dataclasses translate old names), so that parsing it again
+    gives the same arguments (:func:`format_config` writes it)."""
     import torch
 
     if cuda_available is None:
@@ -536,8 +723,29 @@ def parse_train_args(
             + attention_problems(model_raw, train_raw, cuda_available)
         )
 
-    model, data, train = _parse(argv, (ModelArguments, DataArguments, TrainingArguments), check)
-    return model, data, train
+    built, config = _parse(argv, (ModelArguments, DataArguments, TrainingArguments), check, config_file=True)
+    model, data, train = built
+    return model, data, train, config
+
+
+def train_config(argv: list[str]) -> dict[str, Any]:
+    """The resolved config of a `vidlora train` command line (see :func:`parse_train_config`), values
+    not checked: what two spellings of a command (flags, a config file) are compared by."""
+    return _read(argv, (ModelArguments, DataArguments, TrainingArguments), config_file=True)[2]
+
+
+def format_config(config: dict[str, Any]) -> str:
+    """A resolved config as the YAML `vidlora train CONFIG` reads: one flag per key, grouped as the
+    argument dataclasses are."""
+    import yaml
+
+    parts = []
+    for dtype in (ModelArguments, DataArguments, TrainingArguments):
+        group = {f.name: config[f.name] for f in fields(dtype) if f.name in config}
+        parts.append(
+            f"# {dtype.__name__}\n" + yaml.safe_dump(group, sort_keys=False, default_flow_style=None)
+        )
+    return "\n".join(parts)
 
 
 def _parse_check_like(
@@ -551,7 +759,7 @@ def _parse_check_like(
             problems.append("--frame_cache DIR is required (the cache directory to fill).")
         return problems
 
-    model, data, options = _parse(argv, (ModelArguments, DataArguments, CheckArguments), check)
+    (model, data, options), _ = _parse(argv, (ModelArguments, DataArguments, CheckArguments), check)
     return model, data, options
 
 

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vidlora.demo", "synth data, score, fine-tune the tiny model, score again"),
     "chat": ("vidlora.infer.chat", "interactive chat about a video or image"),
     "predict": ("vidlora.infer.predict", "batched generation over a dataset"),
+    "serve": ("vidlora.serve.app", "an OpenAI-compatible API (text, images, video; several adapters)"),
     "merge": ("vidlora.infer.merge", "merge a LoRA checkpoint into its base model"),
     "eval": ("vidlora.eval.score", "score predictions (exact match, judge protocol)"),
     "cache": ("vidlora.cache", "decode and pre-process every video/image once into a frame cache"),
@@ -33,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vidlora.bench", "measure training throughput, data wait, padding and memory vs baselines"),
     "webui": ("vidlora.webui", "web UI: chat with a checkpoint, launch and follow training, check data"),
 }
+
+
+# Packages of the optional extras, by the extra that installs them.
+EXTRAS: dict[str, str] = {"fastapi": "serve", "uvicorn": "serve", "gradio": "webui"}
 
 
 def _usage() -> str:
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if err.name and (err.name == module_name or module_name.startswith(err.name + ".")):
             print(f"vidlora: the {name!r} command is not available in this version", file=sys.stderr)
+            return 2
+        extra = EXTRAS.get((err.name or "").split(".")[0])
+        if extra is not None:
+            print(f"vidlora {name} needs {err.name}: pip install 'vidlora[{extra}]'", file=sys.stderr)
             return 2
         raise
     return run_command(name, module.main, rest)

@@ -2,7 +2,8 @@
 
 Launch it as the original does — the DeepSpeed launcher spells `-m` as `--module`:
 `deepspeed --module vidlora.train --deepspeed configs/zero3.json …` — or with
-`torchrun -m vidlora.train …`, `accelerate launch -m vidlora.train …`, or plainly. Every flag is
+`torchrun -m vidlora.train …`, `accelerate launch -m vidlora.train …`, or plainly; a YAML file of
+flags may come first (`vidlora train config.yaml --flag value`, the flags win). Every flag is
 checked before any model is loaded (all problems at once); the recipe is
 :mod:`vidlora.training.recipe`.
 """
@@ -14,21 +15,23 @@ from pathlib import Path
 
 import torch
 
-from vidlora.args import parse_train_args
+from vidlora.args import parse_train_config
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and exit 1 when training itself fails (a non-finite loss, a lost rank); user
     errors raise."""
-    model_args, data_args, train_args = parse_train_args(argv)
+    model_args, data_args, train_args, config = parse_train_config(argv)
     from vidlora.training.callbacks import NonFiniteTrainingError
     from vidlora.training.distributed import peer_lost_error
-    from vidlora.training.recipe import run
+    from vidlora.training.recipe import run, summary_line
 
     assert train_args.output_dir is not None  # TrainingArguments.__post_init__ fills in a default
     Path(train_args.output_dir).mkdir(parents=True, exist_ok=True)
     try:
-        run(model_args, data_args, train_args)
+        trainer = run(model_args, data_args, train_args, config)
+        if train_args.process_index == 0:
+            print(summary_line(Path(train_args.output_dir), trainer))
     except NonFiniteTrainingError as err:
         print(f"vidlora train: {err}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from vidlora.infer.load import load_base, load_for_inference
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    first = save_adapter(*perturbed_lora_model(seed=1), root / "first")
+    first = save_adapter(*perturbed_lora_model(seed=1), root / "train")
     second = save_adapter(*perturbed_lora_model(seed=2, r=4), root / "second")
     return first, second
 
@@ -42,15 +42,15 @@ def _answers(generator, requests):
 def test_each_served_model_answers_as_its_checkpoint_alone(checkpoints, requests_):
     first, second = checkpoints
     models = ModelSet.load(str(first), adapters={"b": str(second)}, device="cpu", dtype="float32")
-    assert models.names == ["first", BASE_NAME, "b"]
+    assert models.names == ["train", BASE_NAME, "b"]
     alone = {
-        "first": _answers(Generator(load_for_inference(str(first))), requests_),
+        "train": _answers(Generator(load_for_inference(str(first))), requests_),
         "b": _answers(Generator(load_for_inference(str(second))), requests_),
         BASE_NAME: _answers(Generator(load_base(str(first))), requests_),
     }
     assert len({tuple(a) for a in alone.values()}) == 3  # the three models differ
     # In an order that switches every time, and back again.
-    for name in ["b", "first", BASE_NAME, "b", BASE_NAME, "first"]:
+    for name in ["b", "train", BASE_NAME, "b", BASE_NAME, "train"]:
         with models.use(name) as generator:
             assert _answers(generator, requests_) == alone[name], name
 
@@ -70,7 +70,7 @@ def test_a_base_model_path_serves_adapters_on_it(checkpoints, requests_):
 def test_unknown_names_and_bad_adapter_flags_are_user_errors(checkpoints, tmp_path):
     first, second = checkpoints
     models = ModelSet.load(str(first), device="cpu", dtype="float32")
-    with pytest.raises(UsageError, match="unknown model 'nope': serving first, base"), models.use("nope"):
+    with pytest.raises(UsageError, match="unknown model 'nope': serving train, base"), models.use("nope"):
         pass
     assert parse_adapters(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
     for spec in (["a"], ["=x"], ["a="], ["a=x", "a=y"]):
@@ -90,6 +90,26 @@ def test_an_adapter_of_another_base_is_refused(checkpoints, tmp_path):
         (other / file.name).write_bytes(file.read_bytes())
     record = json.loads((other / RECORD_FILE).read_text())
     record["base"]["model_name_or_path"] = "someone/else-7B"
+    record["base"]["attn_implementation"] = "eager"  # a kernel choice alone does not matter
     (other / RECORD_FILE).write_text(json.dumps(record))
-    with pytest.raises(UsageError, match=r"trained on someone/else-7B.*one server shares one base"):
+    with pytest.raises(UsageError, match=r"another base.*model_name_or_path someone/else-7B vs tiny.*one server shares one base"):
         ModelSet.load(str(first), adapters={"o": str(other)}, device="cpu", dtype="float32")
+
+
+def test_a_base_model_alone_is_served_without_peft(requests_):
+    models = ModelSet.load("tiny", device="cpu", dtype="float32")
+    assert models.names == ["tiny"] and models.parent_of("tiny") is None
+    with models.use("tiny") as generator:
+        assert _answers(generator, requests_) == _answers(Generator(load_for_inference("tiny")), requests_)
+
+
+def test_bases_recorded_with_other_kernels_or_projector_defaults_are_one_base(checkpoints, tmp_path):
+    first, second = checkpoints
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in second.iterdir():
+        (other / file.name).write_bytes(file.read_bytes())
+    record = json.loads((other / RECORD_FILE).read_text())
+    record["base"] |= {"attn_implementation": "eager", "mm_projector_type": "mlp2x_gelu", "cache_dir": "/x"}
+    (other / RECORD_FILE).write_text(json.dumps(record))
+    assert ModelSet.load(str(first), adapters={"o": str(other)}, device="cpu", dtype="float32").names[-1] == "o"

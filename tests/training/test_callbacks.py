@@ -23,6 +23,7 @@ from vidlora.training.callbacks import (
     TokenCountLogger,
     TooManyBadSamples,
     count_trained_tokens,
+    extend_logs,
     observe_micro_batch,
 )
 from vidlora.training.plots import loss_series, plot_loss_curve
@@ -72,6 +73,10 @@ class ObservingTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         observe_micro_batch(self.callback_handler.callbacks, self.state, inputs, loss)
         return loss
+
+    def log(self, logs, start_time=None):
+        extend_logs(self.callback_handler.callbacks, self.args, self.state, logs)
+        super().log(logs, start_time)
 
 
 def make_args(tmp_path, **overrides) -> TrainingArguments:
@@ -227,6 +232,8 @@ def test_token_count_logger_adds_trained_tokens_to_the_log(tmp_path):
     assert sum(counter.step_tokens.values()) == 0 + 1 + 2 + 3
     logged = [h["trained_tokens"] for h in trainer.state.log_history if "trained_tokens" in h]
     assert sorted(logged) == [1, 5]
+    totals = [h["trained_tokens_total"] for h in trainer.state.log_history if "trained_tokens" in h]
+    assert totals == [logged[0], 6] and counter.total == 6
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -338,7 +345,7 @@ def test_bad_sample_guard_stops_by_default_and_counts_against_the_whole_run_when
     assert guard.train_skips == 2
     assert state.stateful_callbacks["BadSampleGuard"] == guard.state()  # what trainer_state.json keeps
     logs = {"loss": 1.0}
-    guard.on_log(_guard_args(), state, control, logs=logs)
+    guard.extend_logs(_guard_args(), state, logs)
     assert logs["skipped_samples"] == 2
     guard.observe_bad_samples(state, [_problem("c")], training=True)
     with pytest.raises(

@@ -25,6 +25,7 @@ from vidlora.infer.generate import Generator
 from vidlora.infer.load import InferenceModel, load_base, load_for_inference
 from vidlora.model.lora import quiet_peft, strip_peft_prefix
 from vidlora.model.safetensors_check import check_safetensors
+from vidlora.quiet import quiet_imports
 
 #: The name the bare base model is served under when ``--model_path`` is an adapter.
 BASE_NAME = "base"
@@ -67,6 +68,12 @@ class ModelSet:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def parent_of(self, name: str) -> str | None:
+        """The served name of the base an adapter runs on; None for the base itself."""
+        if self._entries[self._known(name)].adapter is None:
+            return None
+        return next((n for n, e in self._entries.items() if e.adapter is None), None)
+
     def path_of(self, name: str) -> str:
         return self._entries[self._known(name)].path
 
@@ -90,7 +97,8 @@ class ModelSet:
         return name
 
     def _switch(self, entry: _Entry) -> None:
-        if hasattr(self.model, "set_adapter"):  # a PeftModel: the bare base runs with its adapters off
+        if any(e.adapter is not None for e in self._entries.values()):  # a PeftModel
+            # The bare base runs with every adapter off.
             if entry.adapter is None:
                 self.model.base_model.disable_adapter_layers()
             else:
@@ -158,19 +166,23 @@ class ModelSet:
             raise UsageError(f"adapters hold tensors the base does not have: {unknown[:5]}")
         base_state = {k: params[k].detach().clone() for k in keys}
         model = base.model
+        # PEFT's adapter names become module attributes: a served name like "train" would clash.
+        peft_names = {name: f"adapter{index}" for index, name in enumerate(lora)}
         for index, (name, path) in enumerate(lora.items()):
+            check_safetensors(Path(path) / ADAPTER_WEIGHTS)  # PEFT reads it next, unchecked
             with quiet_peft():
                 if index == 0:
-                    from peft import PeftModel
+                    with quiet_imports():
+                        from peft import PeftModel
 
-                    model = PeftModel.from_pretrained(model, path, adapter_name=name)
+                    model = PeftModel.from_pretrained(model, path, adapter_name=peft_names[name])
                 else:
-                    model.load_adapter(path, adapter_name=name)
+                    model.load_adapter(path, adapter_name=peft_names[name])
         model.eval()
         trainables = {name: _trainables(Path(path), base_state, params) for name, path in lora.items()}
         entries: dict[str, _Entry] = {}
         for name in names:
-            adapter = name if name in lora else None
+            adapter = peft_names.get(name)
             processor = processors.get(name, base.processor)
             inference = InferenceModel(model, base.tokenizer, processor, f"{name} on {model_path}")
             entries[name] = _Entry(
@@ -195,15 +207,27 @@ def _check_adapter(name: str, path: str) -> None:
         raise UsageError(f"--adapters {name}={path}: no {RECORD_FILE}, so its settings are unknown")
 
 
+#: What makes two recorded bases the same weights (the projector comes with each adapter, checked
+#: by name and shape; the attention kernel and the hub cache do not change the weights).
+_BASE_IDENTITY = ("model_name_or_path", "video_tower", "image_tower")
+
+
 def _check_same_base(model_path: str, adapters: Mapping[str, str]) -> None:
     """Every adapter was trained on the base ``model_path``'s adapter was trained on."""
     first = read_record(model_path)
     for name, path in adapters.items():
         record = read_record(path)
-        if first is not None and record is not None and record.base != first.base:
+        if first is None or record is None:
+            continue
+        differ = [
+            f"{field} {getattr(record.base, field)} vs {getattr(first.base, field)}"
+            for field in _BASE_IDENTITY
+            if getattr(record.base, field) != getattr(first.base, field)
+        ]
+        if differ:
             raise UsageError(
-                f"--adapters {name}={path} was trained on {record.base.model_name_or_path}, "
-                f"{model_path} on {first.base.model_name_or_path}: one server shares one base"
+                f"--adapters {name}={path} was trained on another base than {model_path} "
+                f"({'; '.join(differ)}): one server shares one base"
             )
 
 

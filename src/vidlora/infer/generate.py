@@ -64,7 +64,8 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of turn, eos or a stop string) or "length"
+    #: "stop" (end of turn, eos or a stop string), "length", or "cancelled" (by ``should_stop``).
+    finish_reason: str
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -125,7 +126,9 @@ class RowTracker(StoppingCriteria):
         budgets: Sequence[int],
         prompt_length: int,
         on_text: Callable[[int, str], None] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
     ) -> None:
+        self.should_stop = should_stop
         self.eos = tokenizer.eos_token_id
         self.stops = [[s for s in (*row, template_stop.strip()) if s] for row in stops]
         self.budgets = list(budgets)
@@ -142,6 +145,8 @@ class RowTracker(StoppingCriteria):
         for row, ids in enumerate(input_ids):
             if self.finished[row] is None:
                 self._advance(row, ids[self.prompt_length :].tolist(), final=False)
+            if self.finished[row] is None and self.should_stop is not None and self.should_stop(row):
+                self.finished[row] = "cancelled"
         done = [reason is not None for reason in self.finished]
         # A bool tensor; torch's stubs do not relate torch.tensor(dtype=torch.bool) to BoolTensor.
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
@@ -256,9 +261,10 @@ class Generator:
         sampling: Sampling | Sequence[Sampling],
         *,
         on_text: Callable[[int, str], None] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
     ) -> list[Completion]:
         """:meth:`complete` on already :meth:`prepare`-d requests (media decoded elsewhere, e.g. while
-        the model works on the previous batch)."""
+        the model works on the previous batch); ``should_stop(row)`` ends a row early (a client gone)."""
         rows = [sampling] * len(items) if isinstance(sampling, Sampling) else list(sampling)
         if len(rows) != len(items) or not items:
             raise ValueError(f"{len(items)} requests and {len(rows)} sampling settings")
@@ -278,6 +284,7 @@ class Generator:
             [row.max_new_tokens for row in rows],
             prompt_length,
             on_text,
+            should_stop,
         )
         sampled = first.temperature > 0
         if sampled:

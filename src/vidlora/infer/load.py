@@ -44,6 +44,7 @@ from vidlora.model.lora import build_lora_config, peft_adapter_key, quiet_peft, 
 from vidlora.model.modeling import register_auto_classes
 from vidlora.model.safetensors_check import check_safetensors
 from vidlora.model.tokenizer import load_tokenizer
+from vidlora.quiet import quiet_imports
 
 
 @dataclass
@@ -135,7 +136,8 @@ def load_for_inference(
         return loaded
     model = loaded.model
     if (path / NON_LORA_FILE).is_file() or (path / ADAPTER_WEIGHTS).is_file():
-        from peft import PeftModel
+        with quiet_imports():
+            from peft import PeftModel
 
         load_trainables(model, path / NON_LORA_FILE)
         if (path / ADAPTER_WEIGHTS).is_file():
@@ -225,7 +227,8 @@ def _load_legacy(model: torch.nn.Module, path: Path):
     Its adapter_config lists leaf names (``q_proj`` …) that would also hit the towers' attention
     here, so the LoRA config is rebuilt with our LLM-only targets and the original's r/alpha.
     """
-    from peft import PeftModel, set_peft_model_state_dict
+    with quiet_imports():
+        from peft import PeftModel, set_peft_model_state_dict
 
     legacy_config = read_json_object(path / ADAPTER_CONFIG)
     non_lora_path = path / LEGACY_NON_LORA

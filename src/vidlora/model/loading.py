@@ -164,6 +164,9 @@ def _load_preset(
         name, seed=seed, device="meta" if device.type == "meta" else "cpu", config=config
     )
     report.notes.append(f"preset {name!r}: randomly initialised (seed {seed}), no checkpoint read")
+    if tokenizer is not None:
+        # After the build: a pad id in the LLM's config at build time would zero its embedding row.
+        _set_pad_token(model, int(tokenizer.pad_token_id))
     report.temporal_attention = _has_temporal(model.config)
     resolved = _resolve_dtype(dtype, {})
     if device.type != "meta":
@@ -336,6 +339,19 @@ def _has_temporal(config: VideoLlavaConfig) -> bool | None:
     return None if video is None else bool(getattr(video, "add_time_attn", False))
 
 
+def _set_pad_token(model: VideoLlavaForCausalLM, pad: int) -> None:
+    """The pad id everywhere the Trainer and generate() look, so neither has to "align" it later (the
+    Trainer warns when it does)."""
+    config = model.config
+    config.pad_token_id = config.text_config.pad_token_id = pad
+    for generation_config in (
+        getattr(model, "generation_config", None),
+        getattr(model.language_model, "generation_config", None),
+    ):
+        if generation_config is not None:
+            generation_config.pad_token_id = pad
+
+
 def _fit_tokenizer(
     model: VideoLlavaForCausalLM, tokenizer: PreTrainedTokenizerBase, report: LoadReport
 ) -> None:
@@ -350,14 +366,7 @@ def _fit_tokenizer(
                 "the checkpoint's config and tokenizer disagree"
             )
         setattr(config, attr, value)
-    # The pad id everywhere the Trainer and generate() look, so neither has to "align" it later.
-    config.pad_token_id = config.text_config.pad_token_id = ids.pad
-    for generation_config in (
-        getattr(model, "generation_config", None),
-        getattr(model.language_model, "generation_config", None),
-    ):
-        if generation_config is not None:
-            generation_config.pad_token_id = ids.pad
+    _set_pad_token(model, ids.pad)
     rows = _weight(model.language_model.get_input_embeddings()).shape[0]
     if grow_embeddings(model, len(tokenizer)):
         report.notes.append(

@@ -1,5 +1,5 @@
 """Trainer callbacks: stop on a non-finite loss or gradient, stop at or skip (and count) samples that
-fail to read, count trained tokens, draw the loss curve.
+fail to read, count trained tokens, log the data wait, draw the loss curve.
 
 How the Trainer (transformers 5) lets callbacks see a step, and what that means here:
 
@@ -16,6 +16,9 @@ How the Trainer (transformers 5) lets callbacks see a step, and what that means 
   callback can still cancel that save; "grad_norm" is logged unfiltered.
 * A batch lists its samples that could not be read under ``BAD_SAMPLES_KEY``; the Trainer hands them
   to :func:`observe_bad_samples` before the forward (training and evaluation alike).
+* The reporters (TensorBoard, W&B) are callbacks that run before ours, so what a callback of ours
+  adds to a log entry goes in through :func:`extend_logs`, called from ``Trainer.log``; the time
+  each step's batches took to fetch comes through :func:`observe_data_wait`.
 
 Micro-batch observations stay on the device (a flag, a count); they are read on the host once
 per optimizer step, in one transfer, so the callbacks add no device → host sync per micro-step.
@@ -54,6 +57,28 @@ def observe_micro_batch(
         observe = getattr(callback, "observe_micro_batch", None)
         if observe is not None:
             observe(state, inputs, loss)
+
+
+def observe_data_wait(callbacks: Iterable[TrainerCallback], seconds: float) -> None:
+    """Hand the seconds one optimizer step's fetch waited for the DataLoader to the callbacks that want
+    them. Call from ``Trainer.get_batch_samples``."""
+    for callback in callbacks:
+        observe = getattr(callback, "observe_data_wait", None)
+        if observe is not None:
+            observe(seconds)
+
+
+def extend_logs(
+    callbacks: Iterable[TrainerCallback], args: TrainingArguments, state: TrainerState, logs: dict[str, float]
+) -> None:
+    """Let the callbacks that add values to a log entry (``extend_logs(args, state, logs)``) add them;
+    call from ``Trainer.log`` on every rank before the stock one, which records the entry in
+    ``state.log_history`` and hands it to the reporters (TensorBoard, W&B): those are callbacks
+    too, but run before ours, so an ``on_log`` of ours would reach the history and not them."""
+    for callback in callbacks:
+        extend = getattr(callback, "extend_logs", None)
+        if extend is not None:
+            extend(args, state, logs)
 
 
 def observe_bad_samples(
@@ -454,19 +479,10 @@ class BadSampleGuard(TrainerCallback, ExportableState):
     ) -> None:
         self._gather(args, state)
 
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, float] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if not self.skip or logs is None or not ("loss" in logs or "train_loss" in logs):
-            return
-        logs["skipped_samples"] = self.train_skips
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["skipped_samples"] = self.train_skips
+    def extend_logs(self, args: TrainingArguments, state: TrainerState, logs: dict[str, float]) -> None:
+        """Add ``skipped_samples`` to a training log entry (:func:`extend_logs`)."""
+        if self.skip and ("loss" in logs or "train_loss" in logs):
+            logs["skipped_samples"] = self.train_skips
 
     # -- internals ----------------------------------------------------------------------------
     def _gather(self, args: TrainingArguments, state: TrainerState) -> bool:
@@ -547,13 +563,15 @@ class TokenCountLogger(TrainerCallback):
     the optimizer step ends, then are read in one transfer. At each optimizer step the count is
     added to ``step_tokens``; a micro-batch with no trained token is reported with a warning naming
     the step (with per-token-mean losses such a batch gives 0/0 = NaN unless the model guards the
-    division). At each log the tokens trained since the previous log (summed over ranks) are added
-    as "trained_tokens" to the log entry and ``state.log_history``.
+    division). Each training log entry (:func:`extend_logs`) gets "trained_tokens", the tokens
+    trained since the previous log, and "trained_tokens_total", since the run began (a resumed run
+    goes on from its checkpoint's log), both summed over ranks.
     """
 
     def __init__(self) -> None:
         self.step_tokens: dict[int, int] = {}
         self.empty_micro_batches: list[tuple[int, int]] = []
+        self.total = 0
         self._counts: list[torch.Tensor] = []  # this optimizer step's micro-batch counts, on device
         self._since_log = 0
 
@@ -563,6 +581,14 @@ class TokenCountLogger(TrainerCallback):
         if labels is None:
             return
         self._counts.append(_trained_token_count(labels))
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        logged = [
+            entry["trained_tokens_total"] for entry in state.log_history if "trained_tokens_total" in entry
+        ]
+        self.total = int(logged[-1]) if logged else 0
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -588,21 +614,36 @@ class TokenCountLogger(TrainerCallback):
             logger.warning("step %d: no trained tokens in the whole optimizer step on this process", step)
         self._since_log += total
 
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, float] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if logs is None or "loss" not in logs or not self.step_tokens:
+    def extend_logs(self, args: TrainingArguments, state: TrainerState, logs: dict[str, float]) -> None:
+        """Add the window's and the run's trained tokens to a training log entry (:func:`extend_logs`)."""
+        if "loss" not in logs or not self.step_tokens:
             return  # eval/final summaries: no training window to report
-        total = _all_reduce(torch.tensor([float(self._since_log)], device=args.device), "sum")
+        window = _all_reduce(torch.tensor([float(self._since_log)], device=args.device), "sum")
         self._since_log = 0
-        logs["trained_tokens"] = int(total.item())
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["trained_tokens"] = logs["trained_tokens"]
+        tokens = int(window.item())
+        self.total += tokens
+        logs["trained_tokens"], logs["trained_tokens_total"] = tokens, self.total
+
+
+class DataWaitLogger(TrainerCallback):
+    """Log "data_wait_s": the seconds the training loop waited for the DataLoader since the previous
+    log (the slowest rank's, which every rank then waits for), so a run starved by decoding shows it
+    in its own logs; `vidlora bench` measures the same wait against the step time."""
+
+    def __init__(self) -> None:
+        self._since_log = 0.0
+
+    def observe_data_wait(self, seconds: float) -> None:
+        """Add one optimizer step's fetch time (:func:`observe_data_wait`)."""
+        self._since_log += seconds
+
+    def extend_logs(self, args: TrainingArguments, state: TrainerState, logs: dict[str, float]) -> None:
+        """Add the window's data wait to a training log entry (:func:`extend_logs`)."""
+        if "loss" not in logs:
+            return
+        wait = _all_reduce(torch.tensor([self._since_log], dtype=torch.float64, device=args.device), "max")
+        self._since_log = 0.0
+        logs["data_wait_s"] = float(wait.item())
 
 
 # -- loss curve -----------------------------------------------------------------------------------

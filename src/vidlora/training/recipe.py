@@ -26,6 +26,7 @@ from vidlora.args import (
     ModelArguments,
     TrainingArguments,
     base_model,
+    format_config,
     load_options,
     media_folders,
     processor_options,
@@ -45,9 +46,18 @@ from vidlora.data.media import VideoReader, read_video
 from vidlora.data.processor import Processor
 from vidlora.data.records import Sample
 from vidlora.errors import UsageError
+from vidlora.jsonl import write_text_atomic
 from vidlora.model.loading import LoadedModel
 from vidlora.training.distributed import computed_on_rank_zero
-from vidlora.training.run_dir import ResumePlan, mark_finished, plan_resume, run_identity
+from vidlora.training.run_dir import (
+    CONFIG_FILE,
+    ResumePlan,
+    finished_step,
+    mark_finished,
+    plan_resume,
+    run_identity,
+    scan_checkpoints,
+)
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -122,7 +132,14 @@ def apply_training_recipe(
         # One of LORA_BIASES: parse_train_args rejects anything else (training_problems).
         bias = cast("LoraBias", train_args.lora_bias)
         lora_config = build_lora_config(
-            model, train_args.lora_r, train_args.lora_alpha, train_args.lora_dropout, bias
+            model,
+            train_args.lora_r,
+            train_args.lora_alpha,
+            train_args.lora_dropout,
+            bias,
+            targets=train_args.lora_target,
+            use_dora=train_args.use_dora,
+            use_rslora=train_args.use_rslora,
         )
     base = model
     trained = apply_recipe(base, lora_config, train_llm=train_llm)
@@ -269,7 +286,13 @@ def build_trainer(
     from transformers import set_seed
 
     from vidlora.data.collate import MultimodalCollator
-    from vidlora.training.callbacks import BadSampleGuard, LossCurveWriter, NonFiniteStop, TokenCountLogger
+    from vidlora.training.callbacks import (
+        BadSampleGuard,
+        DataWaitLogger,
+        LossCurveWriter,
+        NonFiniteStop,
+        TokenCountLogger,
+    )
     from vidlora.training.distributed import init_deepspeed_distributed
     from vidlora.training.trainer import VidloraTrainer
 
@@ -283,7 +306,7 @@ def build_trainer(
         print(trainable_report(model), file=sys.stderr)
     nonfinite = NonFiniteStop() if train_args.stop_on_nonfinite else None
     callbacks: list[TrainerCallback] = [
-        c for c in (nonfinite, TokenCountLogger(), LossCurveWriter()) if c is not None
+        c for c in (nonfinite, TokenCountLogger(), DataWaitLogger(), LossCurveWriter()) if c is not None
     ]
     callbacks.append(BadSampleGuard(data_args.skip_bad_samples, data_args.max_bad_sample_fraction))
     trainer = (trainer_cls or VidloraTrainer)(
@@ -329,12 +352,22 @@ def plan_run(
     return decided, arguments
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments):
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    config: dict[str, Any] | None = None,
+):
     """Train, continuing the run in ``output_dir`` when there is one; returns the Trainer (its state
-    holds the log history), or None when ``output_dir`` holds this run finished already."""
+    holds the log history), or None when ``output_dir`` holds this run finished already.
+
+    ``config`` (:func:`~vidlora.args.parse_train_config`'s) is written to ``output_dir/config.yaml``
+    once the directory is known to hold this run, so `vidlora train` of that file runs it again."""
     plan, arguments = plan_run(model_args, data_args, train_args)
     if plan.finished:
         return None
+    if config is not None and train_args.process_index == 0:
+        write_text_atomic(Path(train_args.output_dir or ".") / CONFIG_FILE, format_config(config))
     trainer, nonfinite = build_trainer(model_args, data_args, train_args, arguments=arguments)
     trainer.train(resume_from_checkpoint=plan.checkpoint)
     if nonfinite is not None:
@@ -345,3 +378,23 @@ def run(model_args: ModelArguments, data_args: DataArguments, train_args: Traini
     if trainer.args.should_save:
         mark_finished(Path(train_args.output_dir or "."), trainer.state.global_step)
     return trainer
+
+
+def summary_line(output_dir: Path, trainer: VidloraTrainer | None) -> str:
+    """What `vidlora train` ends with: steps, speed, final loss and where the checkpoints are
+    (``trainer``: :func:`run`'s result, None when the run was finished already)."""
+    latest = scan_checkpoints(output_dir).latest
+    where = f"checkpoints in {output_dir}/ (latest {latest})" if latest else f"saved in {output_dir}/"
+    if trainer is None:
+        return f"vidlora train: finished already at step {finished_step(output_dir)}, {where}"
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    speed = next(
+        (e["train_samples_per_second"] for e in reversed(history) if "train_samples_per_second" in e), None
+    )
+    parts = [f"{trainer.state.global_step} steps"]
+    if speed is not None:
+        parts.append(f"{speed:.3g} samples/s")
+    if losses:
+        parts.append(f"final loss {losses[-1]:.3f}")
+    return f"vidlora train: {', '.join(parts)}, {where}"

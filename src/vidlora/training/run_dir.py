@@ -28,12 +28,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vidlora.checkpoint import RECORD_FILE
 from vidlora.errors import AlreadyExistsError, NotFoundError, UsageError, VidloraError
 from vidlora.jsonl import write_text_atomic
+from vidlora.model.lora import ALL_LINEAR
 
 CHECKPOINT_PREFIX = PREFIX_CHECKPOINT_DIR
 PARTIAL_PREFIX = ".partial-"
 COMPLETE_MARKER = "vidlora_complete.json"
 FINISHED_FILE = "vidlora_finished.json"
 TRAINER_STATE = "trainer_state.json"
+#: The run's resolved flags as YAML (`vidlora train <output_dir>/config.yaml` runs it again).
+CONFIG_FILE = "config.yaml"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 # What may change between a run and its rerun (reported), by argument group; everything else in
@@ -63,6 +66,13 @@ RECIPE_TRAINING_ARGS = (
     "double_quant",
     "freeze_mm_mlp_adapter",
 )
+# Recipe arguments added later, part of the identity only when not at their default (the default
+# is what every earlier run did), so a run recorded before them still resumes.
+RECIPE_TRAINING_DEFAULTS: dict[str, Any] = {
+    "use_dora": False,
+    "use_rslora": False,
+    "lora_target": [ALL_LINEAR],
+}
 # Training arguments that say where and how a process runs, not how the model trains.
 TRAINING_ARGS_IGNORED = frozenset(
     {
@@ -125,7 +135,14 @@ def run_identity(
             "data_files": files(data_args.get("data_path")),
             "eval_files": files(data_args.get("eval_data_path")),
         },
-        "recipe": {k: training_args.get(k) for k in RECIPE_TRAINING_ARGS},
+        "recipe": {
+            **{k: training_args.get(k) for k in RECIPE_TRAINING_ARGS},
+            **{
+                k: training_args[k]
+                for k, default in RECIPE_TRAINING_DEFAULTS.items()
+                if training_args.get(k, default) != default
+            },
+        },
     }
 
 
@@ -163,6 +180,7 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         before, after = old.get(group) or {}, new.get(group) or {}
         if keys is None:
             names = (set(before) | set(after)) - TRAINING_ARGS_IGNORED - set(RECIPE_TRAINING_ARGS)
+            names -= set(RECIPE_TRAINING_DEFAULTS)
             keys = frozenset(k for k in names if not k.startswith("_"))
         out += [
             f"--{k}: {_short(before.get(k))} -> {_short(after.get(k))}"
@@ -450,13 +468,18 @@ def _state_step(checkpoint: Path) -> int | None:
         return checkpoint_step(checkpoint)
 
 
-def _finished_note(output_dir: Path) -> str:
+def finished_step(output_dir: Path) -> int | None:
+    """The step a finished run in ``output_dir`` ended at (None: not finished, or unreadable)."""
     try:
-        step = json.loads((output_dir / FINISHED_FILE).read_text())["global_step"]
+        return int(json.loads((output_dir / FINISHED_FILE).read_text())["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
-        step = "?"
+        return None
+
+
+def _finished_note(output_dir: Path) -> str:
+    step = finished_step(output_dir)
     return (
-        f"{output_dir} holds this run, finished at step {step}: nothing to do (pass --overwrite_output_dir True "
+        f"{output_dir} holds this run, finished at step {'?' if step is None else step}: nothing to do (pass --overwrite_output_dir True "
         "to train it again, or change a setting such as --num_train_epochs to continue it)"
     )
 

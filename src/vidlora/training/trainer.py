@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
-from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_callback import ExportableState
+
+from vidlora.quiet import quiet_imports
+
+with quiet_imports():  # transformers' Trainer imports PEFT, which imports bitsandbytes
+    from transformers import Trainer
+    from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+    from transformers.trainer_callback import ExportableState
 
 from vidlora.checkpoint import (
     ADAPTER_WEIGHTS,
@@ -30,8 +35,14 @@ from vidlora.data.collate import BAD_SAMPLES_KEY, SAMPLE_IDS
 from vidlora.data.dataset import SampleError
 from vidlora.data.sampler import ModalityLengthGroupedSampler
 from vidlora.errors import NotFoundError
+from vidlora.model.lora import LORA_MARKER
 from vidlora.model.safetensors_check import check_safetensors
-from vidlora.training.callbacks import observe_bad_samples, observe_micro_batch
+from vidlora.training.callbacks import (
+    extend_logs,
+    observe_bad_samples,
+    observe_data_wait,
+    observe_micro_batch,
+)
 from vidlora.training.run_dir import CHECKPOINT_PREFIX, partial_dir, rotate_checkpoints, seal_checkpoint
 
 PROJECTOR_NAME = "mm_projector"
@@ -48,7 +59,8 @@ class VidloraTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, record: RunRecord, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        with quiet_imports():  # it unwraps the model with accelerate, which imports DeepSpeed when installed
+            super().__init__(*args, **kwargs)
         self.record = record
 
     # -- sampling ---------------------------------------------------------------------------
@@ -98,32 +110,57 @@ class VidloraTrainer(Trainer):
         observe_micro_batch(self.callback_handler.callbacks, self.state, inputs, loss)
         return loss
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The stock fetch of one optimizer step's batches, timed for the callbacks that log the wait
+        (it includes the Trainer's token count across ranks, a small collective)."""
+        began = time.perf_counter()
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        observe_data_wait(self.callback_handler.callbacks, time.perf_counter() - began)
+        return batches, num_items
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Our callbacks' values (trained tokens, data wait, skips) join the entry before the stock
+        log records it and hands it to TensorBoard / W&B."""
+        extend_logs(self.callback_handler.callbacks, self.args, self.state, logs)
+        super().log(logs, start_time)
+
     # -- optimizer --------------------------------------------------------------------------
     def create_optimizer(self, model=None):
-        """Decay / no-decay x projector / rest; the projector may have its own learning rate."""
+        """Decay / no-decay x the rest / LoRA B matrices / projector: the projector may have its own
+        learning rate (``--mm_projector_lr``), the B matrices LoRA+'s (``--loraplus_lr_ratio``).
+
+        PEFT's ``create_loraplus_optimizer`` is not used: it puts the projector with the A matrices
+        at ``--learning_rate``, losing ``--mm_projector_lr``.
+        """
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
         projector_lr = getattr(self.args, "mm_projector_lr", None)
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        ratio = getattr(self.args, "loraplus_lr_ratio", None)
+        rest, lora_b, projector = 0, 1, 2
+        groups: dict[tuple[bool, int], list[torch.nn.Parameter]] = {}
         for name, param in opt_model.named_parameters():
             if not param.requires_grad:
                 continue
-            is_projector = projector_lr is not None and PROJECTOR_NAME in name
-            groups.setdefault((name in decay, is_projector), []).append(param)
+            kind = rest
+            if projector_lr is not None and PROJECTOR_NAME in name:
+                kind = projector
+            elif ratio is not None and f"{LORA_MARKER}B." in name:
+                kind = lora_b
+            groups.setdefault((name in decay, kind), []).append(param)
         param_groups = []
-        # The rest before the projector: the Trainer logs the first group's learning rate, which
-        # must be --learning_rate, not --mm_projector_lr (as in the original's group order).
-        for (decays, is_projector), params in sorted(
-            groups.items(), key=lambda item: (item[0][1], not item[0][0])
-        ):
+        # The rest first: the Trainer logs the first group's learning rate, which must be
+        # --learning_rate, not --mm_projector_lr (as in the original's group order).
+        for (decays, kind), params in sorted(groups.items(), key=lambda item: (item[0][1], not item[0][0])):
             group: dict[str, Any] = {
                 "params": params,
                 "weight_decay": self.args.weight_decay if decays else 0.0,
             }
-            if is_projector:
+            if kind == projector:
                 group["lr"] = projector_lr
+            elif kind == lora_b:
+                group["lr"] = self.args.learning_rate * ratio
             param_groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
