@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo test test-all lint
 
+# Chromium (the distribution's) is what the web UI's browser test drives through Playwright.
 # The last step builds DeepSpeed's CPU shared-memory op, which every multi-process CPU start needs
 # (~60 s on 2 cores the first time, then cached in ~/.cache/torch_extensions), so no test run pays
 # for it. The venv's bin goes first on PATH because the tests launch with the venv's ninja, whose
@@ -17,6 +18,9 @@ $(BIN)/vidlora: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium chromium-driver; \
+		else sudo apt-get update && sudo apt-get install -y chromium chromium-driver; fi; }
 	PATH="$(CURDIR)/$(BIN):$$PATH" DS_ACCELERATOR=cpu $(BIN)/python -c \
 		"from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(BIN)/vidlora

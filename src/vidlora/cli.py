@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("vidlora.cache", "decode and pre-process every video/image once into a frame cache"),
     "plan": ("vidlora.plan", "predict peak GPU memory of a training run and which settings fit"),
     "bench": ("vidlora.bench", "measure training throughput, data wait, padding and memory vs baselines"),
+    "webui": ("vidlora.webui", "web UI: chat with a checkpoint, launch and follow training, check data"),
 }
 
 
