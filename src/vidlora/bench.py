@@ -746,7 +746,7 @@ def run_loop(args: BenchArguments, data: BenchData, scenario: Scenario, output_d
 
     from vidlora.args import parse_train_args
     from vidlora.data.collate import MultimodalCollator
-    from vidlora.model.lora import lora_target_module_names
+    from vidlora.model.lora import lora_target_module_names, quiet_peft
     from vidlora.training.recipe import load_model_and_data
 
     model_args, data_args, train_args = parse_train_args(train_flags(args, data, scenario, output_dir))
@@ -763,12 +763,13 @@ def run_loop(args: BenchArguments, data: BenchData, scenario: Scenario, output_d
         bias="none",
         target_modules=rf"^model\.language_model\.(?:.*\.)?(?:{'|'.join(leaves)})$",
     )
-    model = get_peft_model(model, lora)
+    with quiet_peft():  # PEFT reads a deprecated transformers attribute while wrapping
+        model = get_peft_model(model, lora)
     for name, param in model.named_parameters():
         if "multi_modal_projector" in name:
             param.requires_grad_(True)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.enable_input_require_grads()
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)

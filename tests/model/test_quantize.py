@@ -315,8 +315,8 @@ def test_checkpointed_qlora_step_reaches_the_adapters(bnb, tiny, batch):
     torch.manual_seed(0)
     quantized = _quantized(tiny, bits=4, gradient_checkpointing=True)
     model = apply_recipe(quantized, build_lora_config(quantized, 8, 16))
-    model.base_model.model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": True}
+    model.base_model.model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": True}
     )
     model.train()
     model(**text_only).loss.backward()
