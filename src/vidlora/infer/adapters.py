@@ -9,6 +9,7 @@ Switching is under a lock: :meth:`ModelSet.use` hands out the model to one calle
 
 from __future__ import annotations
 
+import argparse
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ import torch
 
 from vidlora.checkpoint import ADAPTER_WEIGHTS, NON_LORA_FILE, RECORD_FILE, is_adapter_dir, read_record
 from vidlora.errors import UsageError
-from vidlora.infer.device import AUTO
+from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
 from vidlora.infer.generate import Generator
 from vidlora.infer.load import InferenceModel, load_base, load_for_inference
 from vidlora.model.lora import quiet_peft, strip_peft_prefix
@@ -39,6 +40,48 @@ class _Entry:
     trainables: dict[str, torch.Tensor]
     generator: Generator
     path: str
+
+
+def add_model_set_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """The flags that say which models to load: one set for `vidlora serve` and `vidlora webui`."""
+    parser.add_argument(
+        "--model_path",
+        required=required,
+        default=None,
+        help="a checkpoint (adapter), a base/merged model, a preset",
+    )
+    parser.add_argument(
+        "--model_base", default=None, help="the base of a LoRA --model_path, instead of the recorded one"
+    )
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="more LoRA checkpoints on the same base",
+    )
+    parser.add_argument(
+        "--served_model_name", default=None, help="the name of --model_path (default: its folder's name)"
+    )
+    parser.add_argument("--device", default=AUTO, help=DEVICE_HELP)
+    parser.add_argument("--dtype", default=AUTO, help=DTYPE_HELP)
+    parser.add_argument(
+        "--cache_dir", default=None, help="hub cache for the base model (default: the recorded one)"
+    )
+
+
+def load_model_set(args: argparse.Namespace, **generator_options: Any) -> ModelSet:
+    """:meth:`ModelSet.load` from the flags of :func:`add_model_set_arguments`."""
+    return ModelSet.load(
+        args.model_path,
+        args.model_base,
+        adapters=parse_adapters(args.adapters),
+        served_name=args.served_model_name,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        **generator_options,
+    )
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from vidlora.errors import UsageError, VidloraError
-from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
+from vidlora.infer.adapters import add_model_set_arguments
 from vidlora.infer.generate import Sampling
 from vidlora.serve import protocol
 from vidlora.serve.engine import timeout_error
@@ -314,20 +314,7 @@ def _context_length(generator) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidlora serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_path", required=True, help="a checkpoint (adapter), or a base/merged model")
-    parser.add_argument(
-        "--model_base", default=None, help="the base of a LoRA checkpoint (default: recorded)"
-    )
-    parser.add_argument(
-        "--adapters",
-        nargs="+",
-        default=[],
-        metavar="NAME=PATH",
-        help="more LoRA checkpoints on the same base",
-    )
-    parser.add_argument(
-        "--served_model_name", default=None, help="the name of --model_path (default: its folder)"
-    )
+    add_model_set_arguments(parser, required=True)
     parser.add_argument(
         "--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (with --api_key)"
     )
@@ -346,9 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_batch_size", type=int, default=8, help="requests per generate call")
     parser.add_argument("--max_queue", type=int, default=64, help="requests waiting; more get 429")
     parser.add_argument("--request_timeout", type=float, default=600.0, help="seconds per request")
-    parser.add_argument("--device", default=AUTO, help=DEVICE_HELP)
-    parser.add_argument("--dtype", default=AUTO, help=DTYPE_HELP)
-    parser.add_argument("--cache_dir", default=None, help="hub cache for the base model")
     return parser
 
 
@@ -383,22 +367,14 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from vidlora.infer.adapters import ModelSet, parse_adapters
+    from vidlora.infer.adapters import load_model_set
 
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"vidlora serve: listening on {args.host} without --api_key: anyone who can reach it may use it",
               file=sys.stderr)  # fmt: skip
-    models = ModelSet.load(
-        args.model_path,
-        args.model_base,
-        adapters=parse_adapters(args.adapters),
-        served_name=args.served_model_name,
-        device=args.device,
-        dtype=args.dtype,
-        cache_dir=args.cache_dir,
-    )
+    models = load_model_set(args)
     app = create_app(models, settings, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     print(
         f"vidlora serve: {', '.join(models.names)} at http://{args.host}:{args.port}/v1 (default {models.names[0]})",

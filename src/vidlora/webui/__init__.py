@@ -14,22 +14,14 @@ import argparse
 import sys
 
 from vidlora.errors import UsageError
-from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
+from vidlora.infer.adapters import add_model_set_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidlora webui", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_path", default=None, help="the model to chat with (a checkpoint, a preset)")
-    parser.add_argument(
-        "--model_base", default=None, help="the base of a LoRA --model_path, instead of the recorded one"
-    )
-    parser.add_argument(
-        "--adapters", nargs="+", default=[], metavar="NAME=PATH", help="more LoRA checkpoints to choose from"
-    )
+    add_model_set_arguments(parser, required=False)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", default=AUTO, help=DEVICE_HELP)
-    parser.add_argument("--dtype", default=AUTO, help=DTYPE_HELP)
     return parser
 
 
@@ -41,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("the web UI needs Gradio: pip install 'vidlora[webui]'") from None
     import torch
 
-    from vidlora.infer.adapters import ModelSet, parse_adapters
+    from vidlora.infer.adapters import load_model_set, parse_adapters
     from vidlora.webui.app import build_app, theme
 
     adapters = parse_adapters(args.adapters)
@@ -49,13 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_path is not None or adapters:
         if args.model_path is None:
             raise UsageError("--adapters needs --model_path (the model they were trained on, or one of them)")
-        models = ModelSet.load(
-            args.model_path,
-            model_base=args.model_base,
-            adapters=adapters,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        models = load_model_set(args)
         print(f"vidlora webui: serving {', '.join(models.names)}", file=sys.stderr)
     app = build_app(models, data_model=args.model_path or "tiny", cuda_available=torch.cuda.is_available())
     app.queue().launch(
