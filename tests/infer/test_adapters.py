@@ -35,6 +35,15 @@ def requests_(tmp_path_factory):
     ]
 
 
+def _copy(checkpoint, to, *, leave_out=None):
+    """A copy of a checkpoint directory to edit, without the file ``leave_out``."""
+    to.mkdir()
+    for file in checkpoint.iterdir():
+        if file.name != leave_out:
+            (to / file.name).write_bytes(file.read_bytes())
+    return to
+
+
 def _answers(generator, requests):
     return [c.text for c in generator.complete(requests, Sampling(max_new_tokens=8))]
 
@@ -84,10 +93,7 @@ def test_unknown_names_and_bad_adapter_flags_are_user_errors(checkpoints, tmp_pa
 
 def test_an_adapter_of_another_base_is_refused(checkpoints, tmp_path):
     first, second = checkpoints
-    other = tmp_path / "other"
-    other.mkdir()
-    for file in second.iterdir():
-        (other / file.name).write_bytes(file.read_bytes())
+    other = _copy(second, tmp_path / "other")
     record = json.loads((other / RECORD_FILE).read_text())
     record["base"]["model_name_or_path"] = "someone/else-7B"
     record["base"]["attn_implementation"] = "eager"  # a kernel choice alone does not matter
@@ -108,10 +114,7 @@ def test_a_base_model_alone_is_served_without_peft(requests_):
 
 def test_bases_recorded_with_other_kernels_or_projector_defaults_are_one_base(checkpoints, tmp_path):
     first, second = checkpoints
-    other = tmp_path / "other"
-    other.mkdir()
-    for file in second.iterdir():
-        (other / file.name).write_bytes(file.read_bytes())
+    other = _copy(second, tmp_path / "other")
     record = json.loads((other / RECORD_FILE).read_text())
     record["base"] |= {"attn_implementation": "eager", "mm_projector_type": "mlp2x_gelu", "cache_dir": "/x"}
     (other / RECORD_FILE).write_text(json.dumps(record))
@@ -122,19 +125,12 @@ def test_bases_recorded_with_other_kernels_or_projector_defaults_are_one_base(ch
 
 def test_a_base_loaded_without_its_projector_file_is_not_served(checkpoints, tmp_path):
     first, second = checkpoints
-    recipe = tmp_path / "recipe"
-    recipe.mkdir()
-    for file in first.iterdir():
-        (recipe / file.name).write_bytes(file.read_bytes())
+    recipe = _copy(first, tmp_path / "recipe")
     record = json.loads((recipe / RECORD_FILE).read_text())
     record["base"]["pretrain_mm_mlp_adapter"] = str(tmp_path / "mm_projector.bin")  # never read: replaced
     (recipe / RECORD_FILE).write_text(json.dumps(record))
     models = ModelSet.load(str(recipe), adapters={"b": str(second)}, device="cpu", dtype="float32")
     assert models.names == ["recipe", "b"]  # no "base": its projector would be untrained
-    frozen = tmp_path / "frozen"
-    frozen.mkdir()
-    for file in second.iterdir():
-        if file.name != "non_lora_trainables.safetensors":
-            (frozen / file.name).write_bytes(file.read_bytes())
+    frozen = _copy(second, tmp_path / "frozen", leave_out="non_lora_trainables.safetensors")
     with pytest.raises(UsageError, match="no projector of their own"):
         ModelSet.load(str(recipe), adapters={"f": str(frozen)}, device="cpu", dtype="float32")
