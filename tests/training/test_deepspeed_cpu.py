@@ -31,6 +31,7 @@ def _worker(output_dir: str) -> None:
         LossCurveWriter,
         NonFiniteStop,
         TokenCountLogger,
+        extend_logs,
         observe_micro_batch,
     )
     from vidlora.training.distributed import init_deepspeed_distributed
@@ -40,6 +41,10 @@ def _worker(output_dir: str) -> None:
             loss = super().training_step(model, inputs, num_items_in_batch)
             observe_micro_batch(self.callback_handler.callbacks, self.state, inputs, loss)
             return loss
+
+        def log(self, logs, start_time=None):  # what VidloraTrainer.log does
+            extend_logs(self.callback_handler.callbacks, self.args, self.state, logs)
+            super().log(logs, start_time)
 
     class Tokens(torch.utils.data.Dataset):
         def __init__(self) -> None:
