@@ -164,15 +164,13 @@ class RowTracker(StoppingCriteria):
 
     def _advance(self, row: int, generated: list[int], *, final: bool) -> None:
         ended_by_eos = bool(generated) and generated[-1] == self.eos
+        last = final or ended_by_eos or len(generated) >= self.budgets[row]
         self.lengths[row] = len(generated)
         decoded = self.decoded[row]
-        decoded.add(generated[:-1] if ended_by_eos else generated, final=final or ended_by_eos)
+        decoded.add(generated[:-1] if ended_by_eos else generated, final=last)
         text, stopped = cut_at_stops(decoded.text, self.stops[row])
         stopped = stopped or ended_by_eos
-        if stopped or final or len(generated) >= self.budgets[row]:
-            if not (stopped or final):
-                decoded.add(generated, final=True)
-                text, stopped = cut_at_stops(decoded.text, self.stops[row])
+        if stopped or last:
             self.finished[row] = "stop" if stopped else "length"
             self.texts[row] = text.strip()
             self._emit(row, self.texts[row])
