@@ -195,12 +195,17 @@ def write_trainables(model: Any, directory: Path, state_dict: dict | None = None
     base.config.save_pretrained(directory)
 
 
+def read_trainables(path: Path) -> dict[str, torch.Tensor]:
+    """Saved non-LoRA trainables by our names, the file checked before it is read."""
+    check_safetensors(path)
+    return load_file(str(path))
+
+
 def load_trainables(model: torch.nn.Module, path: Path) -> None:
     """Copy saved non-LoRA trainables into ``model`` (PEFT-wrapped or not); strict on names and shapes."""
     if not path.exists():
         return
-    check_safetensors(path)
-    saved = load_file(str(path))
+    saved = read_trainables(path)
     params = {strip_peft_prefix(n): p for n, p in model.named_parameters()}
     unknown = [k for k in saved if k not in params]
     if unknown:

@@ -19,11 +19,18 @@ from typing import Any
 
 import torch
 
-from vidlora.checkpoint import ADAPTER_WEIGHTS, NON_LORA_FILE, RECORD_FILE, is_adapter_dir, read_record
+from vidlora.checkpoint import (
+    ADAPTER_WEIGHTS,
+    NON_LORA_FILE,
+    RECORD_FILE,
+    is_adapter_dir,
+    read_record,
+    read_trainables,
+)
 from vidlora.errors import UsageError
 from vidlora.infer.device import AUTO, DEVICE_HELP, DTYPE_HELP
 from vidlora.infer.generate import Generator
-from vidlora.infer.load import InferenceModel, load_base, load_for_inference
+from vidlora.infer.load import InferenceModel, holds_projector, load_base, load_for_inference
 from vidlora.model.lora import quiet_peft, strip_peft_prefix
 from vidlora.model.safetensors_check import check_safetensors
 from vidlora.quiet import quiet_imports
@@ -189,10 +196,10 @@ class ModelSet:
         # of its own: it is not served, and every adapter must bring its own.
         record = read_record(first) if first_is_adapter else None
         projectorless = bool(
-            record is not None and record.base.pretrain_mm_mlp_adapter and _holds_projector(first)
+            record is not None and record.base.pretrain_mm_mlp_adapter and holds_projector(first)
         )
         if projectorless:
-            lacking = [n for n, p in adapters.items() if not _holds_projector(Path(p))]
+            lacking = [n for n, p in adapters.items() if not holds_projector(Path(p))]
             if lacking:
                 raise UsageError(
                     f"--adapters {', '.join(lacking)}: no projector of their own, and the base of "
@@ -302,10 +309,6 @@ def _processor_of(path: str, base: InferenceModel):
     return processor
 
 
-def _holds_projector(path: Path) -> bool:
-    return any(key.startswith("mm_projector.") for key in _trainable_keys(path))
-
-
 def _trainable_keys(path: Path) -> list[str]:
     from vidlora.model.hub import keys_of
 
@@ -317,13 +320,8 @@ def _trainables(
     path: Path, base_state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Every switched tensor for the adapter at ``path``: its own where saved, else the base's."""
-    from safetensors.torch import load_file
-
     file = path / NON_LORA_FILE
-    saved: dict[str, torch.Tensor] = {}
-    if file.is_file():
-        check_safetensors(file)
-        saved = load_file(str(file))
+    saved = read_trainables(file) if file.is_file() else {}
     state = {}
     for key, tensor in base_state.items():
         value = saved.get(key, tensor)

@@ -91,7 +91,7 @@ def load_base(
             f"{path} is a LoRA adapter without a recorded base model: pass --model_base (the model it was trained on)"
         )
     base_kwargs = record.base.load_kwargs() if record is not None else {}
-    if _holds_projector(path):
+    if holds_projector(path):
         # The checkpoint's own projector replaces the pre-trained one: that file is not needed.
         base_kwargs["pretrain_mm_mlp_adapter"] = None
     if cache_dir is not None:
@@ -200,7 +200,7 @@ def checkpoint_dtype(
     return declared_dtype(read_config(resolve_directory(name, cache_dir=cache_dir, weights=False)))
 
 
-def _holds_projector(path: Path) -> bool:
+def holds_projector(path: Path) -> bool:
     """Whether a checkpoint's non-LoRA trainables include the projector (they replace any other)."""
     file = path / NON_LORA_FILE
     return file.is_file() and any(key.startswith("mm_projector.") for key in keys_of([file]))
