@@ -36,7 +36,7 @@ from vidlora.errors import UsageError, VidloraError
 from vidlora.infer.adapters import add_model_set_arguments
 from vidlora.infer.generate import Sampling
 from vidlora.serve import protocol
-from vidlora.serve.engine import timeout_error
+from vidlora.serve.engine import busy_error, timeout_error
 from vidlora.serve.media import MediaPolicy
 from vidlora.serve.protocol import RequestError
 
@@ -135,12 +135,7 @@ def create_app(models, settings: ServeSettings, *, max_batch_size: int = 8, max_
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(http: Request):
         if admitted[0] >= max_queue + max_batch_size:
-            raise RequestError(
-                f"the server is busy: {admitted[0]} requests in progress (--max_queue); retry later",
-                status=429,
-                code="queue_full",
-                kind="rate_limit_error",
-            )
+            raise busy_error(f"{admitted[0]} requests in progress")
         admitted[0] += 1
         try:
             return await _complete(http)

@@ -43,6 +43,16 @@ class Job:
         return self.cancelled or time.monotonic() > self.deadline
 
 
+def busy_error(load: str) -> RequestError:
+    """The 429 of a full queue: refused at once, the client retries later."""
+    return RequestError(
+        f"the server is busy: {load} (--max_queue); retry later",
+        status=429,
+        code="queue_full",
+        kind="rate_limit_error",
+    )
+
+
 def timeout_error(seconds: float) -> RequestError:
     return RequestError(
         f"the request took longer than {seconds:g} s (--request_timeout)",
@@ -83,12 +93,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self._cond:
             if len(self._pending) >= self.max_queue:
-                raise RequestError(
-                    f"the server is busy: {len(self._pending)} requests queued (--max_queue); retry later",
-                    status=429,
-                    code="queue_full",
-                    kind="rate_limit_error",
-                )
+                raise busy_error(f"{len(self._pending)} requests queued")
             self._pending.append(job)
             self._cond.notify_all()
 
