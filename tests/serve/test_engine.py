@@ -66,14 +66,30 @@ def _wait_for(condition, timeout_s=10.0):
         time.sleep(0.01)
 
 
-def test_queued_requests_batch_by_model_and_sampler():
-    models = FakeModels()
-    gen = models.generator
-    gen.release.clear()
-    engine = Engine(models, max_batch_size=3, batch_wait_s=0.0)
+@contextmanager
+def running(models, **options):
+    """An engine over ``models``, stopped at the end (a held fake model released first)."""
+    engine = Engine(models, batch_wait_s=0.0, **options)
     engine.start()
-    results: list = []
     try:
+        yield engine
+    finally:
+        models.generator.release.set()
+        engine.stop()
+
+
+def held_models() -> FakeModels:
+    """Fake models whose generation waits until ``generator.release`` is set."""
+    models = FakeModels()
+    models.generator.release.clear()
+    return models
+
+
+def test_queued_requests_batch_by_model_and_sampler():
+    models = held_models()
+    gen = models.generator
+    results: list = []
+    with running(models, max_batch_size=3) as engine:
         engine.submit(_job("first", results=results))  # held in the model while the rest queue up
         gen.started.wait(5)
         hot = Sampling(temperature=0.7, seed=None)
@@ -85,8 +101,6 @@ def test_queued_requests_batch_by_model_and_sampler():
             engine.submit(_job(text, model, sampling, results=results))
         gen.release.set()
         _wait_for(lambda: len(results) == 10)
-    finally:
-        engine.stop()
     # Greedy rows of one model batch whatever their budgets, stops and seeds; max 3 per batch;
     # unseeded sampled rows batch with the same temperature/top_p; a seeded one runs alone (its
     # answer must not depend on what else is queued); queue order otherwise kept.
@@ -98,11 +112,8 @@ def test_queued_requests_batch_by_model_and_sampler():
 
 
 def test_a_full_queue_refuses_at_once_with_429():
-    models = FakeModels()
-    models.generator.release.clear()
-    engine = Engine(models, max_queue=2, batch_wait_s=0.0)
-    engine.start()
-    try:
+    models = held_models()
+    with running(models, max_queue=2) as engine:
         engine.submit(_job("running"))
         models.generator.started.wait(5)
         engine.submit(_job("q1"))
@@ -110,92 +121,69 @@ def test_a_full_queue_refuses_at_once_with_429():
         with pytest.raises(RequestError) as caught:
             engine.submit(_job("q3"))
         assert caught.value.status == 429 and caught.value.body()["error"]["code"] == "queue_full"
-    finally:
-        models.generator.release.set()
-        engine.stop()
 
 
 def test_a_failed_batch_fails_its_requests_only():
     models = FakeModels()
     models.generator.fail_on = "bad"
-    engine = Engine(models, max_batch_size=1, batch_wait_s=0.0)
-    engine.start()
     results: list = []
-    try:
+    with running(models, max_batch_size=1) as engine:
         engine.submit(_job("bad", results=results))
         engine.submit(_job("good", results=results))
         _wait_for(lambda: len(results) == 2)
-    finally:
-        engine.stop()
     assert isinstance(results[0], RequestError) and results[0].status == 500 and "boom" in results[0].message
     assert results[1].text == "good"
 
 
 def test_a_timed_out_request_is_504_and_its_row_is_stopped():
-    models = FakeModels()
-    models.generator.release.clear()
-    engine = Engine(models, batch_wait_s=0.0)
-    engine.start()
+    models = held_models()
+    with running(models) as engine:
 
-    async def ask():
-        return await engine.run("m", {"text": "slow"}, Sampling(), timeout_s=0.3)
+        async def ask():
+            return await engine.run("m", {"text": "slow"}, Sampling(), timeout_s=0.3)
 
-    try:
         with pytest.raises(RequestError) as caught:
             asyncio.run(ask())
         assert caught.value.status == 504 and caught.value.kind == "timeout_error"
         _wait_for(lambda: models.generator.stopped_rows == ["slow"])
-    finally:
-        models.generator.release.set()
-        engine.stop()
 
 
 def test_a_stream_still_queued_at_its_deadline_ends_with_504():
-    models = FakeModels()
-    models.generator.release.clear()
-    engine = Engine(models, batch_wait_s=0.0)
-    engine.start()
+    models = held_models()
+    with running(models) as engine:
 
-    async def ask():
-        pieces: asyncio.Queue = asyncio.Queue()
-        task = asyncio.create_task(engine.run("m", {"text": "q"}, Sampling(), timeout_s=0.3, pieces=pieces))
-        assert await asyncio.wait_for(pieces.get(), 5) is None  # the stream loop ends at the deadline
-        with pytest.raises(RequestError) as caught:
-            await task
-        return caught.value
+        async def ask():
+            pieces: asyncio.Queue = asyncio.Queue()
+            task = asyncio.create_task(
+                engine.run("m", {"text": "q"}, Sampling(), timeout_s=0.3, pieces=pieces)
+            )
+            assert await asyncio.wait_for(pieces.get(), 5) is None  # the stream loop ends at the deadline
+            with pytest.raises(RequestError) as caught:
+                await task
+            return caught.value
 
-    try:
         engine.submit(_job("running"))  # holds the model: "q" waits in the queue
         models.generator.started.wait(5)
         assert asyncio.run(ask()).status == 504
-    finally:
-        models.generator.release.set()
-        engine.stop()
 
 
 def test_streamed_pieces_arrive_before_the_completion_then_none():
-    models = FakeModels()
-    engine = Engine(models, batch_wait_s=0.0)
-    engine.start()
+    with running(FakeModels()) as engine:
 
-    async def ask():
-        pieces: asyncio.Queue = asyncio.Queue()
-        completion = await engine.run("m", {"text": "hello"}, Sampling(), timeout_s=10, pieces=pieces)
-        received = []
-        while (piece := await pieces.get()) is not None:
-            received.append(piece)
-        return completion, received
+        async def ask():
+            pieces: asyncio.Queue = asyncio.Queue()
+            completion = await engine.run("m", {"text": "hello"}, Sampling(), timeout_s=10, pieces=pieces)
+            received = []
+            while (piece := await pieces.get()) is not None:
+                received.append(piece)
+            return completion, received
 
-    try:
         completion, received = asyncio.run(ask())
-    finally:
-        engine.stop()
     assert received == ["h", "ello"] and completion.text == "hello"
 
 
 def test_requests_queued_at_shutdown_are_told_so():
-    models = FakeModels()
-    models.generator.release.clear()
+    models = held_models()
     engine = Engine(models, batch_wait_s=0.0)
     engine.start()
     results: list = []
